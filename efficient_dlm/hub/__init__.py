@@ -1,0 +1,1 @@
+"""Publishing: model cards, checkpoint validation and upload to the Hugging Face Hub."""
