@@ -90,5 +90,7 @@ def smollm2_parent(smollm2_gguf_path):
     """The real SmolLM2-135M-Instruct (dequantised from the Q4_1 GGUF, fp32) and its tokenizer."""
     folder, name = os.path.split(smollm2_gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if tokenizer.pad_token is None:  # transformers 5.17 reads no pad token from this GGUF; 5.23 reads <|im_end|>
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     return model, tokenizer

@@ -210,6 +210,10 @@ def convert(
         ar_model = ar_model.to(DTYPES[dtype])
     check_base_model_type(ar_model.config.model_type, "config.model_type")
 
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Batched prompts are left-padded; a tokenizer without a pad token (SmolLM2's GGUF under transformers
+        # 5.17) pads with EOS, as the same GGUF does under newer transformers.
+        tokenizer.pad_token = tokenizer.eos_token
     eos_id = ar_model.config.eos_token_id if ar_model.config.eos_token_id is not None else tokenizer.eos_token_id
     pad_id = ar_model.config.pad_token_id if ar_model.config.pad_token_id is not None else tokenizer.pad_token_id
     token, token_id, is_new = resolve_mask_token(tokenizer, mask_token, eos_token_id=eos_id, pad_token_id=pad_id)
