@@ -320,6 +320,12 @@ class EfficientDlmPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_attention_backend = False
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this from the module source (it looks for its AttentionInterface). Our attention reads
+        # `config._attn_implementation` on every call (ATTENTION_BACKENDS), so `set_attn_implementation` works.
+        return True
+
 
 class EfficientDlmModel(EfficientDlmPreTrainedModel):
     def __init__(self, config: EfficientDlmConfig):

@@ -196,6 +196,7 @@ def test_backends_agree_with_sdpa_on_cpu(backend, pattern):
         model.set_attn_implementation("sdpa")
         reference = model(ids, attention_mask=mask, attention_pattern=pattern).logits
         model.set_attn_implementation(backend)
+        assert model.config._attn_implementation == backend
         got = model(ids, attention_mask=mask, attention_pattern=pattern).logits
     keep = mask[:, : reference.shape[1]].bool()
     torch.testing.assert_close(got[keep], reference[keep], rtol=1e-5, atol=1e-5)

@@ -382,7 +382,7 @@ def check_tokenizer(folder: Path, mask_token_id, problems: list[str]) -> None:
         return
     # Token ids from tokenizer.json when there is one (fast tokenizers); sentencepiece-only folders are checked by
     # the load check instead, which asks the loaded tokenizer.
-    ids_by_token = {}
+    ids_by_token, added_token_ids = {}, set()
     if (folder / TOKENIZER_JSON).is_file():
         tokenizer_json = read_json(folder / TOKENIZER_JSON, problems) or {}
         vocab = (tokenizer_json.get("model") or {}).get("vocab")
@@ -391,10 +391,13 @@ def check_tokenizer(folder: Path, mask_token_id, problems: list[str]) -> None:
         for added in tokenizer_json.get("added_tokens") or []:
             if isinstance(added, dict) and "content" in added and "id" in added:
                 ids_by_token[added["content"]] = added["id"]
+                added_token_ids.add(added["id"])
     mask_token = token_content(tokenizer_config.get("mask_token"))
     if mask_token is None:
-        if isinstance(mask_token_id, int) and mask_token_id in ids_by_token.values():
-            return  # no declared mask token, but the config's id is a real token: generation reads the config
+        if mask_token_id in added_token_ids:
+            # Not declared as the mask token, but the config's id is a special token the tokenizer never splits
+            # text into: generation reads the id from the config, so this works.
+            return
         problems.append(
             f"the tokenizer has no mask token: {TOKENIZER_CONFIG} sets no mask_token and no added token has the "
             f"config's mask_token_id {mask_token_id}"
