@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_efficient_dlm import EfficientDlmConfig
+from .generation_efficient_dlm import DiffusionGenerateOutput, DiffusionGenerationMixin, EfficientDlmGenerationConfig
 from .modeling_efficient_dlm import AttentionPattern, EfficientDlmForMaskedDiffusion, EfficientDlmModel
 
 __version__ = "0.1.0"
@@ -22,4 +23,13 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AttentionPattern", "EfficientDlmConfig", "EfficientDlmForMaskedDiffusion", "EfficientDlmModel", "convert"]
+__all__ = [
+    "AttentionPattern",
+    "DiffusionGenerateOutput",
+    "DiffusionGenerationMixin",
+    "EfficientDlmConfig",
+    "EfficientDlmForMaskedDiffusion",
+    "EfficientDlmGenerationConfig",
+    "EfficientDlmModel",
+    "convert",
+]

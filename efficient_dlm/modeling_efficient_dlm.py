@@ -22,6 +22,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_efficient_dlm import EfficientDlmConfig
+from .generation_efficient_dlm import DiffusionGenerationMixin
 
 # RoPE variants whose frequencies do not depend on the sequence length. The families we convert use "default"
 # (all of them), "llama3" (Llama 3.1+), "yarn" (Qwen2.5/Qwen3 long context) and "linear".
@@ -353,6 +354,7 @@ class EfficientDlmModel(EfficientDlmPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         attention_pattern: AttentionPattern | None = None,
+        block_offset: torch.Tensor | int = 0,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
@@ -372,7 +374,7 @@ class EfficientDlmModel(EfficientDlmPreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
 
         queries, keys, position_ids = self._token_layouts(
-            inputs_embeds, attention_mask, position_ids, past_key_values, pattern
+            inputs_embeds, attention_mask, position_ids, past_key_values, pattern, block_offset
         )
         if self.config._attn_implementation == "flex_attention":
             mask = flex_block_mask(pattern, queries, keys)
@@ -391,7 +393,7 @@ class EfficientDlmModel(EfficientDlmPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
-    def _token_layouts(self, inputs_embeds, attention_mask, position_ids, past_key_values, pattern):
+    def _token_layouts(self, inputs_embeds, attention_mask, position_ids, past_key_values, pattern, block_offset=0):
         """Logical positions, blocks and noisy flags of the queries and of all keys (cached + current)."""
         batch, seq_len = inputs_embeds.shape[:2]
         device = inputs_embeds.device
@@ -440,15 +442,18 @@ class EfficientDlmModel(EfficientDlmPreTrainedModel):
                 f"sequence needs position {max_position}, beyond the model's max_position_embeddings "
                 f"({self.config.max_position_embeddings})"
             )
-        key_blocks = key_positions // pattern.block_size
+        if isinstance(block_offset, torch.Tensor):
+            block_offset = block_offset.to(device).view(-1, 1)
+        key_blocks = (key_positions + block_offset) // pattern.block_size
         keys = TokenLayout(key_blocks, noisy, real)
         queries = TokenLayout(key_blocks[:, past_len:], noisy[:, past_len:], real[:, past_len:])
         return queries, keys, position_ids
 
 
-class EfficientDlmForMaskedDiffusion(EfficientDlmPreTrainedModel):
+class EfficientDlmForMaskedDiffusion(EfficientDlmPreTrainedModel, DiffusionGenerationMixin):
     """The decoder with its LM head. Position i's logits predict token i in place (`config.shift_logits=False`) or
-    token i+1 (`shift_logits=True`); either way the forward itself is the same."""
+    token i+1 (`shift_logits=True`); either way the forward itself is the same. `generate()` decodes block-wise
+    (see `DiffusionGenerationMixin`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -479,6 +484,7 @@ class EfficientDlmForMaskedDiffusion(EfficientDlmPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         attention_pattern: AttentionPattern | None = None,
+        block_offset: torch.Tensor | int = 0,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -488,6 +494,9 @@ class EfficientDlmForMaskedDiffusion(EfficientDlmPreTrainedModel):
         attention_pattern (`AttentionPattern`, *optional*):
             Who attends to whom. Defaults to `AttentionPattern.block_causal(config.block_size)`. With `bd3` the input
             is `[x_t ; x_0]` and logits are returned for the noisy half only.
+        block_offset (`torch.LongTensor` of shape `(batch,)` or `int`, defaults to 0):
+            Moves block boundaries: the token at logical position p is in block `(p + block_offset) // block_size`.
+            `generate()` uses it so that each row's prompt ends exactly on a block boundary.
         labels (`torch.LongTensor`, *optional*):
             Targets aligned with the returned logits (-100 = ignored). With `config.shift_logits` the logit at i is
             scored against label i+1, as in a causal LM; otherwise against label i.
@@ -501,6 +510,7 @@ class EfficientDlmForMaskedDiffusion(EfficientDlmPreTrainedModel):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             attention_pattern=attention_pattern,
+            block_offset=block_offset,
             use_cache=use_cache,
         )
         hidden_states = outputs.last_hidden_state

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .. import __version__
 from ..configuration_efficient_dlm import EfficientDlmConfig
+from ..generation_efficient_dlm import EfficientDlmGenerationConfig
 from ..modeling_efficient_dlm import SUPPORTED_ROPE_TYPES, EfficientDlmForMaskedDiffusion
 from .sources import BaseSource, check_base_model_type, gguf_model_type, resolve_base
 
@@ -25,7 +26,7 @@ MASK_TOKEN_CANDIDATES = ("<|mask|>", "<|fim_pad|>", "<empty_output>")
 NEW_MASK_TOKEN = "<|mask|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Files of the package that every checkpoint folder carries, so `trust_remote_code` needs nothing installed.
-SHIPPED_CODE_FILES = ("configuration_efficient_dlm.py", "modeling_efficient_dlm.py")
+SHIPPED_CODE_FILES = ("configuration_efficient_dlm.py", "modeling_efficient_dlm.py", "generation_efficient_dlm.py")
 CONVERSION_RECORD = "conversion.json"
 
 
@@ -223,8 +224,10 @@ def convert(
         tokenizer.mask_token = token
     model = dlm_from_ar_model(ar_model, block_size=block_size, shift_logits=shift_logits, mask_token_id=token_id)
     model.config.eos_token_id, model.config.pad_token_id = eos_id, pad_id
-    model.generation_config = GenerationConfig(
-        bos_token_id=model.config.bos_token_id, eos_token_id=eos_id, pad_token_id=pad_id
+    # Decoding defaults of the released Efficient-DLM checkpoints: the training block and threshold 0.9.
+    model.generation_config = EfficientDlmGenerationConfig(
+        bos_token_id=model.config.bos_token_id, eos_token_id=eos_id, pad_token_id=pad_id, block_size=block_size,
+        threshold=0.9,
     )
     result = ConversionResult(model=model, tokenizer=tokenizer, base=source, mask_token=token)
     if output_dir is not None:
@@ -241,8 +244,6 @@ def save_checkpoint(result: ConversionResult, output_dir: str | os.PathLike, *, 
     output_dir.mkdir(parents=True, exist_ok=True)
     result.model.save_pretrained(output_dir)  # safetensors + config with auto_map + the code files
     result.tokenizer.save_pretrained(output_dir)
-    # save_pretrained writes generation_config.json only for models that can generate; write it in any case.
-    result.model.generation_config.save_pretrained(output_dir)
     package_dir = Path(__file__).resolve().parent.parent
     for name in SHIPPED_CODE_FILES:  # save_pretrained copies them too; make the folder complete regardless
         if not (output_dir / name).exists():
