@@ -235,7 +235,7 @@ def select_commits(confidence, eligible, *, threshold=0.9, factor=None, steps=No
         take_sorted = (rank + 1) * (1 - sorted_conf) <= factor
     else:
         take_sorted = sorted_conf >= threshold
-    take_sorted = take_sorted | (rank == 1)  # the forced top-1
+    take_sorted = (take_sorted | (rank == 1)).expand_as(sorted_conf)  # with the forced top-1
     commit = torch.zeros_like(eligible).scatter(-1, order, take_sorted)
     return commit & eligible
 
@@ -418,11 +418,13 @@ class _BlockDecoder:
             logits = model(tokens, attention_mask=mask, block_offset=self.block_offset, logits_to_keep=keep).logits
         if not self.shift:
             return logits
-        # Token shift: position i's logits predict token i+1. The block's first token is predicted by the position
-        # just before the block, which is in this forward only when clean tokens preceded the canvas.
-        if pending or not self.use_cache:
+        # Token shift: position i's logits predict token i+1, so the block's first token is predicted by the position
+        # just before the block. That position is in this forward when clean tokens precede the canvas (then there
+        # are n + 1 logits); otherwise it was in an earlier one.
+        if logits.shape[1] == n + 1:
             self.prev_logits = logits[:, :1]
-        return torch.cat([self.prev_logits, logits[:, 1:-1]], 1)
+            return logits[:, :n]
+        return torch.cat([self.prev_logits, logits[:, : n - 1]], 1)
 
     def run(self, stopping_criteria=None, stop_strings=None, tokenizer=None, streamer=None):
         config, nfe, history = self.config, 0, []
