@@ -1,4 +1,4 @@
-"""`efficient-dlm` command line: convert | demo (more commands join as they land)."""
+"""`efficient-dlm` command line: convert | generate | upload | demo."""
 
 import argparse
 import json
@@ -50,6 +50,61 @@ def cmd_convert(args) -> int:
         f"block_size={config.block_size} shift_logits={config.shift_logits} "
         f"mask_token={result.mask_token!r} (id {config.mask_token_id}) in {time.perf_counter() - started:.1f}s"
     )
+    return 0
+
+
+def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threshold", type=float, default=None, help="confidence threshold in (0, 1] (default: "
+                        "the checkpoint's generation_config, 0.9 for converted models)")
+    parser.add_argument("--block-size", type=int, default=None, help="decode block (default: the checkpoint's)")
+    parser.add_argument("--sub-block-size", type=int, default=None)
+    parser.add_argument("--factor", type=float, default=None, help="the factor rule instead of the threshold")
+    parser.add_argument("--steps", type=int, default=None, help="commit exactly this many tokens per step")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def decoding_kwargs(args) -> dict:
+    """generate() keyword arguments from the CLI flags (unset flags leave the checkpoint's defaults)."""
+    kwargs = {"max_new_tokens": args.max_new_tokens}
+    for name in ("threshold", "block_size", "sub_block_size", "factor", "steps", "top_p", "top_k"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    if args.temperature > 0:
+        kwargs.update(do_sample=True, temperature=args.temperature)
+    return kwargs
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool, device):
+    """Left-padded prompts, through the tokenizer's chat template with `chat`."""
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    else:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from .evaluation import timed_generate
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    input_ids, attention_mask = encode_prompts(tokenizer, args.prompts, args.chat, device)
+    torch.manual_seed(args.seed)
+    run = timed_generate(model, input_ids, attention_mask, **decoding_kwargs(args))
+    for prompt, completion in zip(args.prompts, run.completions):
+        print(f"### {prompt}\n{tokenizer.decode(completion, skip_special_tokens=True).strip()}\n")
+    print(f"{run.new_tokens} tokens in {run.seconds:.2f}s on {device}: {run.tokens_per_second:.1f} tok/s, "
+          f"NFE {run.nfe}, tokens per forward {run.tokens_per_forward:.2f}")
     return 0
 
 
@@ -118,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_arguments(convert)
     convert.add_argument("--output", required=True, help="checkpoint folder to write")
     convert.set_defaults(func=cmd_convert)
+
+    generate = commands.add_parser("generate", help="generate with a checkpoint folder (diffusion decoding)")
+    generate.add_argument("prompts", nargs="+", help="one or more prompts (decoded as one left-padded batch)")
+    generate.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    generate.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    generate.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    _add_decoding_arguments(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    from .hub import add_upload_arguments, run_upload
+
+    upload = commands.add_parser(
+        "upload", help="validate a checkpoint or LoRA adapter folder, write its model card, push it to the Hub"
+    )
+    add_upload_arguments(upload)
+    upload.set_defaults(func=run_upload)
 
     demo = commands.add_parser("demo", help="convert the embedded SmolLM2 and compare its likelihood with the parent")
     demo.add_argument("--base", default=None, help="AR checkpoint (default: the embedded SmolLM2-135M-Instruct)")

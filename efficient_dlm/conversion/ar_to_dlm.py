@@ -207,7 +207,7 @@ def convert(
     else:
         if tokenizer is None:
             raise ValueError("pass the tokenizer together with ar_model")
-        source = BaseSource("folder", str(base or getattr(ar_model, "name_or_path", "in-memory model")))
+        source = BaseSource("folder", str(base or getattr(ar_model, "name_or_path", "") or "in-memory model"))
         ar_model = ar_model.to(DTYPES[dtype])
     check_base_model_type(ar_model.config.model_type, "config.model_type")
 

@@ -2,5 +2,14 @@
 
 from .likelihood import causal_token_nll, next_token_nll
 from .real_text import real_text_samples, zen_of_python
+from .throughput import GenerationRun, completion_tokens, timed_generate
 
-__all__ = ["causal_token_nll", "next_token_nll", "real_text_samples", "zen_of_python"]
+__all__ = [
+    "GenerationRun",
+    "causal_token_nll",
+    "completion_tokens",
+    "next_token_nll",
+    "real_text_samples",
+    "timed_generate",
+    "zen_of_python",
+]

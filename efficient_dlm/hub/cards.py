@@ -354,7 +354,8 @@ def _hub_datasets(stages: list[dict]) -> list[str]:
     return sorted({d for stage in stages for d in stage["datasets"] if DATASET_ID.match(d) and not Path(d).exists()})
 
 
-def _check_repo_id(repo_id: str, option: str = "repo_id") -> str:
+def check_repo_id(repo_id: str, option: str = "repo_id") -> str:
+    """A Hub model repo id, OWNER/NAME; ValueError naming `option` otherwise."""
     if not isinstance(repo_id, str) or not HUB_REPO_ID.match(repo_id):
         raise ValueError(f"{option} must be OWNER/NAME (letters, digits, '-', '_', '.'), got {repo_id!r}")
     return repo_id
@@ -406,7 +407,7 @@ def _has_chat_template(folder: Path) -> bool:
     return bool(isinstance(tokenizer_config, dict) and tokenizer_config.get("chat_template"))
 
 
-def _results(eval_file, bench_file, model_name: str):
+def _results(eval_file, bench_file):
     """(accuracy table, speed table, model-index entries) from the optional result files."""
     from huggingface_hub import EvalResult
 
@@ -451,9 +452,9 @@ def render_card(
             the folder's records do not name it (they name a local path, or nothing).
     """
     folder = Path(folder).expanduser()
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     if base_model is not None:
-        _check_repo_id(base_model, "base_model")
+        check_repo_id(base_model, "base_model")
     if license is not None and (not isinstance(license, str) or not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license)):
         raise ValueError(f"license must be a Hub license id such as 'apache-2.0', 'mit' or 'other', got {license!r}")
     if checkpoint_kind(folder) == "adapter":
@@ -472,7 +473,7 @@ def _render_model_card(folder, repo_id, eval_file, bench_file, license, base_mod
     hub_id = base_model or base_hub_id(base_location, base_kind)
     model_name = repo_id.split("/", 1)[1]
     stages = training_stages(folder)
-    accuracy, speed, eval_results = _results(eval_file, bench_file, model_name)
+    accuracy, speed, eval_results = _results(eval_file, bench_file)
     datasets = _hub_datasets(stages)
     license_id = license or inherited_license(hub_id, base_location) or DEFAULT_LICENSE
 
@@ -554,7 +555,7 @@ def _render_adapter_card(folder, repo_id, eval_file, bench_file, license, base_m
         )
     model_name = repo_id.split("/", 1)[1]
     stages = training_stages(folder)
-    accuracy, speed, eval_results = _results(eval_file, bench_file, model_name)
+    accuracy, speed, eval_results = _results(eval_file, bench_file)
     datasets = _hub_datasets(stages)
     base_folder = Path(recorded_base).expanduser() if recorded_base else None
     license_id = (license or inherited_license(hub_id, str(base_folder) if base_folder and base_folder.is_dir()
@@ -612,6 +613,7 @@ __all__ = [
     "ADAPTER_CARD_TEMPLATE",
     "MODEL_CARD_TEMPLATE",
     "TEMPLATES_DIR",
+    "check_repo_id",
     "is_generated_card",
     "load_bench_results",
     "load_eval_results",

@@ -2,8 +2,9 @@
 
 Order matters, and each step only starts when the previous one has passed:
 1. arguments (repo id, result files) — cheap, so a typo fails at once;
-2. `validate_checkpoint` — static checks, then a load + generate in a fresh interpreter; no network;
-3. the card, rendered into `README.md` (replacing what was there: often peft's or the Trainer's placeholder card);
+2. `validate_checkpoint` — static checks, the card rendered in memory, then a load + generate in a fresh
+   interpreter; no network;
+3. the card written into `README.md` (replacing what was there: often peft's or the Trainer's placeholder card);
 4. the push: `create_repo(exist_ok=True)`, `create_branch` for a revision other than main, then one
    `upload_folder` commit restricted to exactly the files that were validated.
 
@@ -23,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cards import _check_repo_id, is_generated_card, load_bench_results, load_eval_results, render_card
+from .cards import check_repo_id, is_generated_card, load_bench_results, load_eval_results, render_card
 from .validation import (
     DEFAULT_LOAD_TIMEOUT_S,
     README,
@@ -31,6 +32,7 @@ from .validation import (
     CheckpointReport,
     FileEntry,
     format_size,
+    run_load_check,
     validate_checkpoint,
 )
 
@@ -129,7 +131,9 @@ def _push(folder: Path, repo_id: str, files: list[FileEntry], *, private: bool, 
                 "The checkpoint passed validation; nothing was uploaded."
             )
         api = HfApi()
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        # private=None, not False, without --private: a new repo then follows the namespace's default visibility
+        # (an organisation that makes repos private by default stays private). An existing repo keeps its own.
+        repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         repo_created = True
         if revision not in (None, "main"):
             # upload_folder does not create branches; create it (from main) if it is new.
@@ -196,7 +200,7 @@ def upload(
     UploadError if the push fails, after putting README.md back as it was.
     """
     folder = Path(folder).expanduser()
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     if revision is not None and (not isinstance(revision, str) or not revision.strip() or " " in revision):
         raise ValueError(f"revision must be a branch name without spaces, got {revision!r}")
     if eval_file is not None:
@@ -204,16 +208,18 @@ def upload(
     if bench_file is not None:
         load_bench_results(bench_file)
 
-    report = validate_checkpoint(folder, load_timeout_s=load_timeout_s)
-    if report.load:
-        log(f"validated {folder} ({report.kind}): {report.load['model_class']} loads with trust_remote_code in a "
-            f"fresh interpreter and generated {len(report.load['generated_ids'])} tokens "
-            f"({report.load['seconds']} s)")
+    # validate_checkpoint in two halves, with the card rendered (in memory) in between: a card that cannot be
+    # written (an adapter whose base has no Hub id) should fail before the slow load check, not after it.
+    report = validate_checkpoint(folder, check_loading=False)
+    card = render_card(folder, repo_id, eval_file=eval_file, bench_file=bench_file, license=license,
+                       base_model=base_model)
+    report.load = run_load_check(folder, report.kind, report.config, load_timeout_s)
+    log(f"validated {folder} ({report.kind}): {report.load['model_class']} loads with trust_remote_code in a fresh "
+        f"interpreter without efficient_dlm and generated {len(report.load['generated_ids'])} tokens "
+        f"({report.load['seconds']} s)")
     for note in report.notes:
         log(f"note: {note}")
 
-    card = render_card(folder, repo_id, eval_file=eval_file, bench_file=bench_file, license=license,
-                       base_model=base_model)
     readme = _ReadmeWrite(folder)
     if readme.previous is not None and not is_generated_card(readme.previous.decode("utf-8", errors="replace")):
         # Usually peft's or the Trainer's placeholder card; the folder's own records say more, so it is replaced.
@@ -253,7 +259,8 @@ def add_upload_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     """The upload options, shared by upload.py and `efficient-dlm upload`."""
     parser.add_argument("checkpoint_dir", help="a converted checkpoint folder, or a peft LoRA adapter folder")
     parser.add_argument("--repo-id", required=True, help="target repository on the Hub, OWNER/NAME")
-    parser.add_argument("--private", action="store_true", help="create the repository as private (if it is new)")
+    parser.add_argument("--private", action="store_true",
+                        help="create the repository as private (if it is new; default: the namespace's default)")
     parser.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
     parser.add_argument("--commit-message", default=None, help="commit message (default: 'Upload model with ...')")
     parser.add_argument("--dry-run", action="store_true",

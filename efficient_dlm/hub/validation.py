@@ -102,7 +102,7 @@ class CheckpointReport:
 
 
 def checkpoint_kind(folder: str | os.PathLike) -> str:
-    """"adapter" for a peft adapter folder, "model" for a model folder; CheckpointError for anything else."""
+    """What the folder holds: "adapter" (peft's adapter_config.json) or "model" (config.json); else CheckpointError."""
     folder = Path(folder)
     if not folder.exists():
         raise CheckpointError(folder, ["does not exist"])
@@ -274,8 +274,15 @@ def top_level_names(source_file: Path) -> set[str]:
     """Names a Python file defines at module level (classes, functions, assignments, imports), read with `ast`."""
     tree = ast.parse(source_file.read_text(encoding="utf-8"), filename=str(source_file))
     names = set()
-    for node in tree.body:
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+    statements = list(tree.body)
+    for node in statements:
+        # Definitions guarded at module level (`if TYPE_CHECKING:`, `try: ... except ImportError:`) count too.
+        if isinstance(node, ast.If):
+            statements.extend(node.body + node.orelse)
+        elif isinstance(node, ast.Try):
+            statements.extend(node.body + node.orelse + node.finalbody
+                              + [stmt for handler in node.handlers for stmt in handler.body])
+        elif isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             names.add(node.name)
         elif isinstance(node, ast.Assign):
             names.update(target.id for target in node.targets if isinstance(target, ast.Name))
@@ -344,7 +351,9 @@ def check_model_config(folder: Path, config: dict, problems: list[str]) -> None:
     elif isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or mask_token_id < 0:
         problems.append(f"{MODEL_CONFIG} mask_token_id must be a non-negative integer, got {mask_token_id!r}")
     elif isinstance(vocab_size, int) and mask_token_id >= vocab_size:
-        problems.append(f"{MODEL_CONFIG} mask_token_id {mask_token_id} is outside the vocabulary (vocab_size {vocab_size})")
+        problems.append(
+            f"{MODEL_CONFIG} mask_token_id {mask_token_id} is outside the vocabulary (vocab_size {vocab_size})"
+        )
 
 
 def check_shipped_code(folder: Path, problems: list[str]) -> None:
@@ -417,7 +426,8 @@ def check_adapter_config(folder: Path, config: dict, problems: list[str]) -> Non
     base = config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base.strip():
         problems.append(
-            f"{ADAPTER_CONFIG} has no base_model_name_or_path (the converted Efficient-DLM model the adapter applies to)"
+            f"{ADAPTER_CONFIG} has no base_model_name_or_path (the converted Efficient-DLM model that the adapter "
+            f"applies to)"
         )
     if not config.get("peft_type"):
         problems.append(f"{ADAPTER_CONFIG} has no peft_type (was it written by peft's save_pretrained?)")
@@ -481,7 +491,9 @@ def run_load_check(folder: Path, kind: str, config: dict, timeout_s: float) -> d
         reason = _last_line(child.stderr) or f"exit status {child.returncode}"
         what = "the adapter does not load onto its base" if kind == "adapter" else "the folder does not load"
         hint = ""
-        if kind == "adapter" and not Path(options["base"]).expanduser().is_dir():
+        if "import of efficient_dlm halted" in reason:
+            hint = " (the shipped code imports the efficient_dlm package, which a Hub user does not have)"
+        elif kind == "adapter" and not Path(options["base"]).expanduser().is_dir():
             hint = (f" (its base {options['base']!r} is not a local folder and must be in the local Hub cache: "
                     f"download it first)")
         raise CheckpointError(
