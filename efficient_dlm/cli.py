@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 DEFAULT_DEMO_DIR = Path("runs") / "smollm2-135m-dlm"
+DEMO_CHAT_PROMPTS = ["What is the capital of France?", "Write a Python function that adds two numbers."]
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,15 +130,15 @@ def cmd_demo(args) -> int:
     import torch
 
     from .conversion import convert, load_ar_model, resolve_base
-    from .evaluation import causal_token_nll, next_token_nll, real_text_samples
+    from .evaluation import causal_token_nll, next_token_nll, real_text_samples, timed_generate
 
     source = resolve_base(args.base)
     print(f"base: {source.description}")
     ar_model, tokenizer = load_ar_model(source, torch.float32)
     # Block size 1 with the token shift is the AR parent itself, seen through the diffusion model's code: the
     # starting point of conversion training, and a check that nothing was lost on the way.
-    convert(source.location, args.output, block_size=1, shift_logits=True, overwrite=True, ar_model=ar_model,
-            tokenizer=tokenizer)
+    converted = convert(source.location, args.output, block_size=1, shift_logits=True, overwrite=True,
+                        ar_model=ar_model, tokenizer=tokenizer)
     print(f"wrote {args.output}: {', '.join(sorted(p.name for p in Path(args.output).iterdir()))}")
 
     texts = real_text_samples(args.samples)
@@ -162,7 +163,31 @@ def cmd_demo(args) -> int:
         print(f"{text[:55] + '...':<58} {n:>6} {a.item():>12.4f} {d.item():>13.4f}")
     gap = (ar_nll - dlm_nll).abs().max().item()
     print(f"\nlargest |AR - dLM| gap: {gap:.2e} nats/token (block_size=1 + shift_logits reproduces the parent)")
-    return 0 if gap < 1e-3 else 1
+
+    # Chat with both. At block 1 the diffusion decoder must give the parent's greedy answer token for token; at
+    # block 32 the untrained conversion shows the parallel decoding machinery (its text needs conversion training).
+    dlm = converted.model
+    input_ids, attention_mask = encode_prompts(tokenizer, DEMO_CHAT_PROMPTS, chat=True, device="cpu")
+    eos = tokenizer.eos_token_id
+    ar_run = timed_generate(ar_model, input_ids, attention_mask, max_new_tokens=args.max_new_tokens,
+                            do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    dlm_run = timed_generate(dlm, input_ids, attention_mask, max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+    wide_run = timed_generate(dlm, input_ids, attention_mask, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
+                              block_size=32, threshold=0.7)
+    same = ar_run.completions == dlm_run.completions
+    for index, prompt in enumerate(DEMO_CHAT_PROMPTS):
+        print(f"\n### {prompt}")
+        for label, run in (("AR parent", ar_run), ("dLM block 1", dlm_run), ("dLM block 32, tau 0.7", wide_run)):
+            text = tokenizer.decode(run.completions[index], skip_special_tokens=True).strip().replace("\n", " ")
+            print(f"[{label}] {text[:160]}")
+    print(f"\n{'decoder':<26} {'tokens':>6} {'tok/s':>7} {'NFE':>5} {'tokens/forward':>14}")
+    for label, run in (("AR parent (transformers)", ar_run), ("dLM block 1", dlm_run),
+                       ("dLM block 32, tau 0.7", wide_run)):
+        nfe = run.nfe if run.nfe is not None else "-"
+        tpf = f"{run.tokens_per_forward:.2f}" if run.tokens_per_forward is not None else "1.00"
+        print(f"{label:<26} {run.new_tokens:>6} {run.tokens_per_second:>7.1f} {nfe:>5} {tpf:>14}")
+    print(f"\nblock-1 diffusion answers identical to the parent's greedy answers: {same}")
+    return 0 if gap < 1e-3 and same else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,10 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_upload_arguments(upload)
     upload.set_defaults(func=run_upload)
 
-    demo = commands.add_parser("demo", help="convert the embedded SmolLM2 and compare its likelihood with the parent")
+    demo = commands.add_parser("demo", help="convert the embedded SmolLM2; compare likelihoods and chat answers "
+                               "with the AR parent")
     demo.add_argument("--base", default=None, help="AR checkpoint (default: the embedded SmolLM2-135M-Instruct)")
     demo.add_argument("--output", default=str(DEFAULT_DEMO_DIR), help=f"checkpoint folder (default {DEFAULT_DEMO_DIR})")
     demo.add_argument("--samples", type=int, default=4, help="how many real texts to score (at most 5)")
+    demo.add_argument("--max-new-tokens", type=int, default=48, help="length of the chat answers")
     demo.set_defaults(func=cmd_demo)
     return parser
 

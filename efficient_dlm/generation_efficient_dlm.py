@@ -318,7 +318,8 @@ class DiffusionGenerationMixin(GenerationMixin):
             raise ValueError("streamer supports batch size 1 only")
         eos_ids = config.eos_token_id
         eos_ids = torch.tensor(
-            [] if eos_ids is None else eos_ids if isinstance(eos_ids, list) else [eos_ids], device=input_ids.device
+            [] if eos_ids is None else eos_ids if isinstance(eos_ids, list) else [eos_ids], dtype=torch.long,
+            device=input_ids.device,
         )
         pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0].item() if len(eos_ids) else 0)
         stop_strings = config.stop_strings
