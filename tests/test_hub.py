@@ -574,13 +574,17 @@ def test_offline_push_fails_clearly_and_leaves_folder_as_it_was(checkpoint, tmp_
 
 def test_push_failure_messages():
     """The messages for the other ways a push fails, from the real exception types."""
-    import httpx2
+    import importlib.util
+
     from huggingface_hub.errors import OfflineModeIsEnabled
+
+    # huggingface_hub 2.x talks through httpx2; 1.x (next to transformers 5.17) through httpx
+    http = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
 
     offline = explain_push_failure(OfflineModeIsEnabled("offline"), REPO_ID, "https://huggingface.co", False)
     assert "offline mode is on (HF_HUB_OFFLINE is set)" in offline and "nothing was uploaded" in offline
     wrapped = RuntimeError("upload failed")
-    wrapped.__cause__ = httpx2.ConnectTimeout("timed out")
+    wrapped.__cause__ = http.ConnectTimeout("timed out")
     later = explain_push_failure(wrapped, REPO_ID, "https://huggingface.co", True)
     assert "network error (ConnectTimeout" in later
     assert f"the repository {REPO_ID} exists but no commit was made" in later
