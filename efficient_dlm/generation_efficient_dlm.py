@@ -451,6 +451,8 @@ class _BlockDecoder:
                 canvas = torch.where(commit, tokens, canvas)
                 masked = masked & ~commit
                 masked, canvas = self._end_rows_at_eos(canvas, masked)
+                if streamer is not None and hasattr(streamer, "put_draft"):  # TextDiffusionStreamer: the draft so far
+                    streamer.put_draft(canvas[0][~masked[0]].cpu())
                 if config.output_history:
                     snapshot = self.completion.clone()
                     snapshot[self.rows, done_tokens:done_tokens + n] = canvas

@@ -294,3 +294,40 @@ def test_a_model_without_mask_token_id_cannot_generate():
     dlm.config.mask_token_id = None
     with pytest.raises(ValueError, match="no mask_token_id"):
         dlm.generate(torch.tensor([[10, 11]]), max_new_tokens=4)
+
+
+def test_finished_rows_leave_the_batch():
+    dlm = converted(block_size=4)
+    ids, mask = left_padded_batch([6, 6], seed=9)
+    free = dlm.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None, threshold=0.5)
+    # A token row 0 commits in its first block and row 1 never produces: as EOS it ends row 0 only.
+    eos = next(t for t in free[0, 6:10].tolist() if t not in free[1, 6:].tolist())
+    batch_sizes = []
+    hook = dlm.model.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(
+        (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[0]), with_kwargs=True)
+    try:
+        out = dlm.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=eos, threshold=0.5,
+                           return_dict_in_generate=True)
+    finally:
+        hook.remove()
+    assert len(batch_sizes) == out.nfe and batch_sizes[0] == 2 and batch_sizes[-1] == 1
+    assert torch.equal(out.sequences[1, 6:], free[1, 6:])  # the remaining row is unaffected
+
+
+def test_text_diffusion_streamer_gets_drafts_and_the_committed_blocks(capsys):
+    from transformers import TextDiffusionStreamer
+
+    tokenizer = tiny_tokenizer()
+    dlm = converted(block_size=4)
+    ids = tokenizer("w20 w21 w22", return_tensors="pt").input_ids
+    drafts = []
+
+    class Recording(TextDiffusionStreamer):
+        def put_draft(self, value, **kwargs):
+            drafts.append(value)
+            super().put_draft(value, **kwargs)
+
+    out = dlm.generate(ids, max_new_tokens=8, eos_token_id=None, threshold=0.5, streamer=Recording(tokenizer),
+                       return_dict_in_generate=True)
+    assert len(drafts) == out.nfe
+    assert tokenizer.decode(out.sequences[0, 3:]).split()[-1] in capsys.readouterr().out
