@@ -45,6 +45,7 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--caches", default="dynamic,static", help="dLM cache paths to time (static = CUDA graphs)")
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,20 +72,22 @@ def main() -> int:
         ar = timed_generate(parent, ids, mask, **ar_kwargs)
         rows.append({"model": "SmolLM2-135M AR (transformers generate)", "batch": batch, "threshold": None,
                      "tok_s": ar.tokens_per_second, "nfe": new, "tpf": 1.0, "seconds": ar.seconds})
-        for threshold in [float(t) for t in args.thresholds.split(",")]:
-            dlm_kwargs = dict(max_new_tokens=new, threshold=threshold, eos_token_id=[])
-            timed_generate(dlm, ids, mask, **dlm_kwargs)  # warm-up
-            run = timed_generate(dlm, ids, mask, **dlm_kwargs)
-            rows.append({"model": f"SmolLM2-135M dLM (untrained, block {args.block_size})", "batch": batch,
-                         "threshold": threshold, "tok_s": run.tokens_per_second, "nfe": run.nfe,
-                         "tpf": run.tokens_per_forward, "seconds": run.seconds})
+        for cache in args.caches.split(","):
+            for threshold in [float(t) for t in args.thresholds.split(",")]:
+                dlm_kwargs = dict(max_new_tokens=new, threshold=threshold, eos_token_id=[],
+                                  cache_implementation=cache)
+                timed_generate(dlm, ids, mask, **dlm_kwargs)  # warm-up
+                run = timed_generate(dlm, ids, mask, **dlm_kwargs)
+                rows.append({"model": f"SmolLM2-135M dLM ({cache} cache, block {args.block_size})", "batch": batch,
+                             "threshold": threshold, "tok_s": run.tokens_per_second, "nfe": run.nfe,
+                             "tpf": run.tokens_per_forward, "seconds": run.seconds, "cache": cache})
 
-    header = f"{'model':<42} {'batch':>5} {'tau':>5} {'tok/s':>9} {'NFE':>5} {'TPF':>6} {'s':>7}"
+    header = f"{'model':<46} {'batch':>5} {'tau':>5} {'tok/s':>9} {'NFE':>5} {'TPF':>6} {'s':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
         tau = "-" if r["threshold"] is None else f"{r['threshold']:.1f}"
-        print(f"{r['model']:<42} {r['batch']:>5} {tau:>5} {r['tok_s']:>9.1f} {r['nfe']:>5} {r['tpf']:>6.2f} "
+        print(f"{r['model']:<46} {r['batch']:>5} {tau:>5} {r['tok_s']:>9.1f} {r['nfe']:>5} {r['tpf']:>6.2f} "
               f"{r['seconds']:>7.2f}")
     if args.out:
         record = {

@@ -328,8 +328,21 @@ class DiffusionGenerationMixin(GenerationMixin):
                 raise ValueError("stop_strings needs the tokenizer: generate(..., tokenizer=tokenizer)")
             stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
 
-        decoder = _BlockDecoder(self, config, input_ids, attention_mask, eos_ids, pad_id, mask_token_id,
-                                max_new_tokens, use_cache, generator)
+        static = config.cache_implementation == "static"
+        if static and not use_cache:
+            raise ValueError("cache_implementation='static' needs use_cache=True")
+        if config.cache_implementation not in (None, "static", "dynamic"):
+            raise ValueError(
+                f"cache_implementation must be 'static', 'dynamic' or None, got {config.cache_implementation!r}"
+            )
+        if static:
+            # CUDA graphs replay fixed kernels: greedy decoding only (sampling draws would be frozen into the graph).
+            use_graphs = input_ids.device.type == "cuda" and not (config.do_sample and config.temperature != 0)
+            decoder = _StaticBlockDecoder(self, config, input_ids, attention_mask, eos_ids, pad_id, mask_token_id,
+                                          max_new_tokens, generator, use_graphs)
+        else:
+            decoder = _BlockDecoder(self, config, input_ids, attention_mask, eos_ids, pad_id, mask_token_id,
+                                    max_new_tokens, use_cache, generator)
         if streamer is not None:
             streamer.put(input_ids[:, attention_mask[0].argmax():].cpu())
         completion, nfe, history = decoder.run(
@@ -385,6 +398,7 @@ class _BlockDecoder:
         # How many completion tokens each row returns: cut after its first EOS or stop string.
         self.lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=self.device)
         self.prompt_ids = input_ids
+        self.done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         # Each row's blocks end where its prompt ends: the token at logical position p is in block
         # (p + offset) // block_size, and generated block k covers the next block_size positions exactly.
         self.block_offset = (-attention_mask.sum(-1)) % self.block_size
@@ -413,6 +427,7 @@ class _BlockDecoder:
             logits = model(tokens, attention_mask=mask, past_key_values=self.cache, block_offset=self.block_offset,
                            logits_to_keep=keep).logits
             self.cache.advance(pending)
+            self.pending = self.pending[:, :0]
         else:
             tokens = torch.cat([self.prefix, canvas], 1)
             mask = torch.cat([self.attention_mask, canvas_mask], 1)
@@ -430,27 +445,13 @@ class _BlockDecoder:
     def run(self, stopping_criteria=None, stop_strings=None, tokenizer=None, streamer=None):
         config, nfe, history = self.config, 0, []
         done_tokens = 0
-        while done_tokens < self.max_new_tokens and len(self.rows):
+        while done_tokens < self.max_new_tokens and self._has_active_rows():
             n = min(self.block_size, self.max_new_tokens - done_tokens)
-            batch = len(self.rows)
-            canvas = torch.full((batch, n), self.mask_id, dtype=torch.long, device=self.device)
-            masked = torch.ones(batch, n, dtype=torch.bool, device=self.device)
+            canvas, masked = self._new_block(n)
             while True:
-                logits = self._forward(canvas)
-                self.pending = canvas[:, :0]
+                canvas, masked = self._step(canvas, masked)
                 nfe += 1
                 self.row_forwards += len(self.rows)
-                logits[..., self.mask_id] = float("-inf")  # the mask token is never a prediction
-                tokens, confidence = propose_tokens(
-                    logits, do_sample=config.do_sample, temperature=config.temperature, top_k=config.top_k,
-                    top_p=config.top_p, generator=self.generator,
-                )
-                eligible = masked & active_sub_block(masked, config.sub_block_size)
-                commit = select_commits(confidence, eligible, threshold=config.threshold, factor=config.factor,
-                                        steps=config.steps)
-                canvas = torch.where(commit, tokens, canvas)
-                masked = masked & ~commit
-                masked, canvas = self._end_rows_at_eos(canvas, masked)
                 if streamer is not None and hasattr(streamer, "put_draft"):  # TextDiffusionStreamer: the draft so far
                     streamer.put_draft(canvas[0][~masked[0]].cpu())
                 if config.output_history:
@@ -469,6 +470,30 @@ class _BlockDecoder:
             if finished.any():
                 self._evict(~finished)
         return self._trim(), nfe, history
+
+    def _has_active_rows(self) -> bool:
+        return len(self.rows) > 0
+
+    def _new_block(self, n):
+        """The canvas of a new block: every position masked."""
+        canvas = torch.full((len(self.rows), n), self.mask_id, dtype=torch.long, device=self.device)
+        return canvas, torch.ones_like(canvas, dtype=torch.bool)
+
+    def _step(self, canvas, masked):
+        """One denoising step: forward the block, propose a token per position, commit by the rule."""
+        config = self.config
+        logits = self._forward(canvas)
+        logits[..., self.mask_id] = float("-inf")  # the mask token is never a prediction
+        tokens, confidence = propose_tokens(
+            logits, do_sample=config.do_sample, temperature=config.temperature, top_k=config.top_k,
+            top_p=config.top_p, generator=self.generator,
+        )
+        eligible = masked & active_sub_block(masked, config.sub_block_size)
+        commit = select_commits(confidence, eligible, threshold=config.threshold, factor=config.factor,
+                                steps=config.steps)
+        canvas = torch.where(commit, tokens, canvas)
+        masked, canvas = self._end_rows_at_eos(canvas, masked & ~commit)
+        return canvas, masked
 
     def _end_rows_at_eos(self, canvas, masked):
         """A row that has committed EOS with no mask before it is done: its later positions need no decoding."""
@@ -497,13 +522,17 @@ class _BlockDecoder:
             finished = is_eos.any(-1)
             first_eos = torch.where(finished, is_eos.float().argmax(-1) + 1, self.lengths[self.rows])
             self.lengths[self.rows] = torch.minimum(self.lengths[self.rows], first_eos)
+        already_done = self.done[self.rows]  # rows the static path keeps in the batch after they finished
         if stopping_criteria:
             sequences = torch.cat([self.prompt_ids[self.rows], completion], 1)
             stopped = stopping_criteria(sequences, None).to(finished.device)
-            self.lengths[self.rows] = torch.where(stopped & ~finished, generated, self.lengths[self.rows])
+            self.lengths[self.rows] = torch.where(stopped & ~finished & ~already_done, generated,
+                                                  self.lengths[self.rows])
             finished |= stopped
         if stop_strings:
             for index, row in enumerate(self.rows.tolist()):  # string matching is per row by nature
+                if self.done[row]:
+                    continue
                 kept = int(self.lengths[row])
                 cut = _stop_string_cut(tokenizer, self.completion[row, :min(kept, generated)].tolist(), stop_strings)
                 if cut is not None:
@@ -529,6 +558,159 @@ class _BlockDecoder:
         completion = self.completion.masked_fill(position >= self.lengths[:, None], self.pad_id)
         self.generated_tokens = int(self.lengths.sum())
         return completion[:, : int(self.lengths.max())]
+
+
+class StaticBlockKVCache:
+    """A KV cache whose `update` writes at a slot index held on the device and returns every slot.
+
+    Shapes and addresses never change, so a denoising step over it can be captured in a CUDA graph. Which slots a
+    query may see is the caller's business (`token_layouts`); unfilled slots are simply invisible.
+    keys/values: `[layers, batch, kv_heads, capacity, head_dim]`; `write_index`: a 0-d long tensor.
+    """
+
+    def __init__(self, num_layers, batch, num_kv_heads, capacity, head_dim, dtype, device):
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.write_index = torch.zeros((), dtype=torch.long, device=device)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions come with token_layouts; nothing is derived from a length here
+
+    def update(self, key, value, layer_idx):
+        slots = self.write_index + torch.arange(key.shape[2], device=key.device)
+        self.keys[layer_idx].index_copy_(2, slots, key)
+        self.values[layer_idx].index_copy_(2, slots, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class _StaticBlockDecoder(_BlockDecoder):
+    """The fixed-shape decoder behind `cache_implementation="static"`.
+
+    Every slot's logical position and block is known when the call starts (left padding keeps rows aligned), so
+    they are computed once; a step then only moves a device-side write index. Rows stay in the batch after they
+    finish (their positions count as decoded), which keeps shapes fixed; on CUDA with greedy decoding the two step
+    shapes — a plain step over the block, and the first step of a block carrying the previous block in front — are
+    captured once each as CUDA graphs and replayed. The host synchronises once per step (any mask left?).
+    """
+
+    def __init__(self, model, config, input_ids, attention_mask, eos_ids, pad_id, mask_token_id, max_new_tokens,
+                 generator, use_graphs):
+        super().__init__(model, config, input_ids, attention_mask, eos_ids, pad_id, mask_token_id, max_new_tokens,
+                         use_cache=False, generator=generator)
+        c, (batch, width) = model.config, input_ids.shape
+        self.capacity = width + max_new_tokens
+        self.cache = StaticBlockKVCache(c.num_hidden_layers, batch, c.num_key_value_heads, self.capacity, c.head_dim,
+                                        model.dtype, self.device)
+        prompt_lengths = attention_mask.sum(-1, keepdim=True)
+        slot = torch.arange(self.capacity, device=self.device)
+        prompt_positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        generated_positions = prompt_lengths + (slot[width:] - width)
+        self.slot_positions = torch.cat([prompt_positions, generated_positions], 1)  # [B, capacity]
+        self.slot_blocks = (self.slot_positions + self.block_offset[:, None]) // self.block_size
+        self.slots = slot
+        self.committed = torch.zeros(batch, self.capacity, dtype=torch.bool, device=self.device)
+        self.slot_is_real = torch.cat([attention_mask.bool(), torch.ones_like(generated_positions, dtype=torch.bool)], 1)
+        self._prefill_pending = True  # the first step (prompt + first block) runs eagerly: its shape is unique
+        self.no_noise = torch.zeros_like(self.committed)
+        self.use_graphs = use_graphs
+        self.graphs = {}
+        self.pending_buffer = None  # set when the first block is committed
+
+    def _has_active_rows(self) -> bool:
+        return not bool(self.done.all())
+
+    def _new_block(self, n):
+        canvas = torch.full((len(self.rows), n), self.mask_id, dtype=torch.long, device=self.device)
+        # Finished rows ride along; their positions count as decoded so they never hold the batch back.
+        masked = (~self.done)[:, None].expand_as(canvas).clone()
+        return canvas, masked
+
+    def _evict(self, keep):
+        self.done |= ~keep
+
+    def _append_clean_block(self, canvas):
+        self.pending = canvas
+
+    def _forward(self, canvas):
+        """Static-shape forward: pending tokens (if any) + canvas written at the write index; K/V of pending kept."""
+        from .modeling_efficient_dlm import TokenLayout  # here: the modeling file imports this one
+
+        n, pending = canvas.shape[1], self.pending.shape[1]
+        tokens = torch.cat([self.pending, canvas], 1) if pending else canvas
+        window = self.cache.write_index + torch.arange(tokens.shape[1], device=self.device)
+        in_window = (self.slots >= self.cache.write_index) & (self.slots < self.cache.write_index + tokens.shape[1])
+        position_ids = self.slot_positions.index_select(1, window)
+        query_blocks = self.slot_blocks.index_select(1, window)
+        queries = TokenLayout(query_blocks, torch.zeros_like(tokens, dtype=torch.bool),
+                              torch.ones_like(tokens, dtype=torch.bool))
+        keys = TokenLayout(self.slot_blocks, self.no_noise, self.committed | (in_window[None] & self.slot_is_real))
+        keep = n + 1 if self.shift and pending else n
+        logits = self.model(tokens, position_ids=position_ids, past_key_values=self.cache,
+                            token_layouts=(queries, keys), logits_to_keep=keep).logits
+        if pending:  # the clean tokens in front of the canvas stay in the cache from now on
+            kept = in_window & (self.slots < self.cache.write_index + pending)
+            self.committed |= kept[None] & self.slot_is_real
+            self.cache.write_index += pending
+        if not self.shift:
+            return logits
+        if logits.shape[1] == n + 1:
+            if self.prev_logits is None:
+                self.prev_logits = logits[:, :1].clone()
+            else:
+                self.prev_logits.copy_(logits[:, :1])
+            return logits[:, :n]
+        return torch.cat([self.prev_logits, logits[:, : n - 1]], 1)
+
+    def _step(self, canvas, masked):
+        first_of_block = self.pending.shape[1] > 0
+        prefill = first_of_block and self._prefill_pending
+        capturable = self.use_graphs and not prefill and canvas.shape[1] == self.block_size
+        if not capturable:
+            canvas, masked = super()._step(canvas, masked)
+            self.pending = self.pending[:, :0]
+            self._prefill_pending = False
+            return canvas, masked
+        key = "first" if first_of_block else "plain"
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(key, canvas, masked)
+        graph, buffers = self.graphs[key]
+        buffers["canvas"].copy_(canvas)
+        buffers["masked"].copy_(masked)
+        if first_of_block:
+            buffers["pending"].copy_(self.pending)
+        graph.replay()
+        self.pending = self.pending[:, :0]
+        return buffers["canvas_out"], buffers["masked_out"]
+
+    def _capture(self, key, canvas, masked):
+        """Capture one step shape as a CUDA graph over static buffers (state it mutates is restored after warm-up)."""
+        buffers = {"canvas": canvas.clone(), "masked": masked.clone()}
+        if key == "first":
+            buffers["pending"] = self.pending.clone()
+        saved = (self.cache.write_index.clone(), self.committed.clone())
+        pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
+
+        def step():
+            self.pending = buffers["pending"] if key == "first" else buffers["canvas"][:, :0]
+            out_canvas, out_masked = _BlockDecoder._step(self, buffers["canvas"], buffers["masked"])
+            buffers["canvas_out"], buffers["masked_out"] = out_canvas, out_masked
+
+        def restore():
+            self.cache.write_index.copy_(saved[0])
+            self.committed.copy_(saved[1])
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up: allocations and lazy initialisation happen outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        restore()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            step()
+        restore()
+        return graph, buffers
 
 
 def _stop_string_cut(tokenizer, token_ids, stop_strings):

@@ -355,6 +355,7 @@ class EfficientDlmModel(EfficientDlmPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         attention_pattern: AttentionPattern | None = None,
         block_offset: torch.Tensor | int = 0,
+        token_layouts: tuple[TokenLayout, TokenLayout] | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
@@ -373,9 +374,16 @@ class EfficientDlmModel(EfficientDlmPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
 
-        queries, keys, position_ids = self._token_layouts(
-            inputs_embeds, attention_mask, position_ids, past_key_values, pattern, block_offset
-        )
+        if token_layouts is None:
+            queries, keys, position_ids = self._token_layouts(
+                inputs_embeds, attention_mask, position_ids, past_key_values, pattern, block_offset
+            )
+        else:
+            # A caller that owns a static cache (generate's CUDA-graph path) knows every slot's layout already;
+            # deriving it from a mask would need shapes that change from block to block.
+            if position_ids is None:
+                raise ValueError("token_layouts needs position_ids")
+            queries, keys = token_layouts
         if self.config._attn_implementation == "flex_attention":
             mask = flex_block_mask(pattern, queries, keys)
         else:
@@ -489,6 +497,7 @@ class EfficientDlmForMaskedDiffusion(EfficientDlmPreTrainedModel, DiffusionGener
         inputs_embeds: torch.Tensor | None = None,
         attention_pattern: AttentionPattern | None = None,
         block_offset: torch.Tensor | int = 0,
+        token_layouts: tuple[TokenLayout, TokenLayout] | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -501,6 +510,9 @@ class EfficientDlmForMaskedDiffusion(EfficientDlmPreTrainedModel, DiffusionGener
         block_offset (`torch.LongTensor` of shape `(batch,)` or `int`, defaults to 0):
             Moves block boundaries: the token at logical position p is in block `(p + block_offset) // block_size`.
             `generate()` uses it so that each row's prompt ends exactly on a block boundary.
+        token_layouts (`(TokenLayout, TokenLayout)`, *optional*):
+            The queries' and all keys' layouts, given directly instead of derived from `attention_mask` (with
+            `position_ids`); used with a static cache whose `update` returns every slot.
         labels (`torch.LongTensor`, *optional*):
             Targets aligned with the returned logits (-100 = ignored). With `config.shift_logits` the logit at i is
             scored against label i+1, as in a causal LM; otherwise against label i.
@@ -515,6 +527,7 @@ class EfficientDlmForMaskedDiffusion(EfficientDlmPreTrainedModel, DiffusionGener
             inputs_embeds=inputs_embeds,
             attention_pattern=attention_pattern,
             block_offset=block_offset,
+            token_layouts=token_layouts,
             use_cache=use_cache,
         )
         hidden_states = outputs.last_hidden_state

@@ -57,8 +57,22 @@ def test_cached_decoding_equals_recomputing_the_prefix(shift_logits, options):
     kwargs = dict(attention_mask=mask, max_new_tokens=14, return_dict_in_generate=True, eos_token_id=None, **options)
     cached = dlm.generate(ids, **kwargs)
     recomputed = dlm.generate(ids, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, recomputed.sequences)
-    assert cached.nfe == recomputed.nfe
+    static = dlm.generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(cached.sequences, recomputed.sequences) and torch.equal(cached.sequences, static.sequences)
+    assert cached.nfe == recomputed.nfe == static.nfe
+
+
+@pytest.mark.parametrize("shift_logits", [False, True])
+def test_static_cache_path_keeps_finished_rows_and_gives_the_same_tokens(shift_logits):
+    dlm = converted(block_size=4, shift_logits=shift_logits)
+    ids, mask = left_padded_batch([5, 9, 2], seed=3)
+    free = dlm.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None, threshold=0.3)
+    eos = next(t for t in free[0, 9:13].tolist() if t not in free[1, 9:].tolist())
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, eos_token_id=eos, threshold=0.3,
+                  return_dict_in_generate=True)
+    dynamic = dlm.generate(ids, **kwargs)
+    static = dlm.generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(dynamic.sequences, static.sequences) and dynamic.nfe == static.nfe
 
 
 @pytest.mark.parametrize("shift_logits", [False, True])
@@ -270,6 +284,7 @@ def test_pipeline_text_generation_with_trust_remote_code(tmp_path):
     ({"factor": -1.0}, "factor must be a number > 0"),
     ({"top_p": 0.0, "do_sample": True}, r"top_p must be in \(0, 1\]"),
     ({"bogus_option": 1}, r"unknown arguments \['bogus_option'\]"),
+    ({"cache_implementation": "offloaded"}, "cache_implementation must be 'static', 'dynamic' or None"),
 ])
 def test_bad_generation_arguments(kwargs, message):
     dlm = converted(block_size=4)
