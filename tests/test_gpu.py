@@ -113,7 +113,7 @@ def test_cuda_graph_static_path_matches_the_eager_reference(shift_logits):
         ids, mask = ids.cuda(), mask.cuda()
         kwargs = dict(attention_mask=mask, max_new_tokens=96, threshold=0.05, eos_token_id=[],
                       return_dict_in_generate=True)
-        eager = dlm.generate(ids, **kwargs)
+        eager = dlm.generate(ids, cache_implementation="dynamic", **kwargs)
         graphed = dlm.generate(ids, cache_implementation="static", **kwargs)
         assert torch.equal(eager.sequences, graphed.sequences), lengths
         assert eager.nfe == graphed.nfe
