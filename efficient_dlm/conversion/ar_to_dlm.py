@@ -91,8 +91,8 @@ def dlm_from_ar_model(ar_model, *, block_size: int, shift_logits: bool, mask_tok
     config = dlm_config_from_ar(
         ar_model.config, block_size=block_size, shift_logits=shift_logits, mask_token_id=mask_token_id
     )
-    dtype = ar_model.get_input_embeddings().weight.dtype
-    model = EfficientDlmForMaskedDiffusion(config).to(dtype)
+    weight = ar_model.get_input_embeddings().weight
+    model = EfficientDlmForMaskedDiffusion(config).to(device=weight.device, dtype=weight.dtype)
     state = {k: v for k, v in ar_model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
