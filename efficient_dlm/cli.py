@@ -1,4 +1,4 @@
-"""`efficient-dlm` command line: convert | generate | upload | demo."""
+"""`efficient-dlm` command line: convert | generate | bench | upload | demo."""
 
 import argparse
 import json
@@ -207,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
+    from .evaluation.benchmark import add_bench_arguments, run_bench
     from .hub import add_upload_arguments, run_upload
+
+    bench = commands.add_parser("bench", help="dLM vs compiled AR generate: tok/s, TPF, ms per step, weight-read floor")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench)
 
     upload = commands.add_parser(
         "upload", help="validate a checkpoint or LoRA adapter folder, write its model card, push it to the Hub"

@@ -585,8 +585,9 @@ class StaticBlockKVCache:
 
     def update(self, key, value, layer_idx):
         slots = self.write_index + torch.arange(key.shape[2], device=key.device)
-        self.keys[layer_idx].index_copy_(2, slots, key)
-        self.values[layer_idx].index_copy_(2, slots, value)
+        # Under autocast (e.g. a model still wrapped by a mixed-precision Trainer) K/V may arrive in another dtype.
+        self.keys[layer_idx].index_copy_(2, slots, key.to(self.keys.dtype))
+        self.values[layer_idx].index_copy_(2, slots, value.to(self.values.dtype))
         return self.keys[layer_idx], self.values[layer_idx]
 
 
