@@ -4,7 +4,13 @@ import os
 
 import pytest
 import torch
-from transformers import (
+
+# The Triton kernels' tests run under Triton's interpreter where there is no GPU. torch._dynamo imports triton as
+# soon as transformers is imported, so the switch must be set before that import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
