@@ -1,8 +1,9 @@
-"""`efficient-dlm` command line: convert | generate | bench | upload | demo."""
+"""`efficient-dlm` command line: convert | train | generate | bench | upload | demo."""
 
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -208,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     from .evaluation.benchmark import add_bench_arguments, run_bench
+    from .training.cli import add_train_arguments, run_train
+
+    train = commands.add_parser("train", help="convert an AR checkpoint and train it as a block-diffusion model "
+                                "(Efficient-DLM recipe), SFT it, or train a LoRA adapter")
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
     from .hub import add_upload_arguments, run_upload
 
     bench = commands.add_parser("bench", help="dLM vs compiled AR generate: tok/s, TPF, ms per step, weight-read floor")
@@ -232,9 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["efficient-dlm", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(f"efficient-dlm {args.command}: error: {error}", file=sys.stderr)
         return 2
 
