@@ -235,6 +235,22 @@ def convert(
     return result
 
 
+def conversion_record(model, mask_token: str, base_location: str, base_kind: str) -> dict:
+    """What `conversion.json` says of a converted model: where it came from and how it was converted."""
+    config = model.config
+    return {
+        "efficient_dlm_version": __version__,
+        "base": base_location,
+        "base_kind": base_kind,
+        "base_model_type": config.base_model_type,
+        "block_size": config.block_size,
+        "shift_logits": config.shift_logits,
+        "mask_token": mask_token,
+        "mask_token_id": config.mask_token_id,
+        "dtype": str(model.dtype).replace("torch.", ""),
+    }
+
+
 def save_checkpoint(result: ConversionResult, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -248,18 +264,7 @@ def save_checkpoint(result: ConversionResult, output_dir: str | os.PathLike, *, 
     for name in SHIPPED_CODE_FILES:  # save_pretrained copies them too; make the folder complete regardless
         if not (output_dir / name).exists():
             shutil.copyfile(package_dir / name, output_dir / name)
-    config = result.model.config
-    record = {
-        "efficient_dlm_version": __version__,
-        "base": result.base.location,
-        "base_kind": result.base.kind,
-        "base_model_type": config.base_model_type,
-        "block_size": config.block_size,
-        "shift_logits": config.shift_logits,
-        "mask_token": result.mask_token,
-        "mask_token_id": config.mask_token_id,
-        "dtype": str(result.model.dtype).replace("torch.", ""),
-    }
+    record = conversion_record(result.model, result.mask_token, result.base.location, result.base.kind)
     (output_dir / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     result.output_dir = output_dir
     return output_dir

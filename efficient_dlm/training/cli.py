@@ -137,27 +137,9 @@ class _Base:
         self.conversion_result = conversion_result
 
 
-def _conversion_record(model, mask_token: str, base_location: str, base_kind: str) -> dict:
-    # The keys `efficient_dlm.conversion.save_checkpoint` writes into conversion.json.
-    from .. import __version__
-
-    config = model.config
-    return {
-        "efficient_dlm_version": __version__,
-        "base": base_location,
-        "base_kind": base_kind,
-        "base_model_type": config.base_model_type,
-        "block_size": config.block_size,
-        "shift_logits": config.shift_logits,
-        "mask_token": mask_token,
-        "mask_token_id": config.mask_token_id,
-        "dtype": str(model.dtype).replace("torch.", ""),
-    }
-
-
 def load_base(args) -> _Base:
     """Convert `--base`, or load it when it is already an Efficient-DLM checkpoint folder."""
-    from ..conversion import CONVERSION_RECORD, convert
+    from ..conversion import CONVERSION_RECORD, conversion_record, convert
     from .trainer import read_training_record
 
     if _is_dlm_checkpoint(args.base):
@@ -176,7 +158,7 @@ def load_base(args) -> _Base:
             raise ValueError(f"--mask-token applies to conversion; the checkpoint {folder} has its mask token "
                              f"(id {model.config.mask_token_id})")
         record_path = folder / CONVERSION_RECORD
-        conversion = json.loads(record_path.read_text()) if record_path.is_file() else _conversion_record(
+        conversion = json.loads(record_path.read_text()) if record_path.is_file() else conversion_record(
             model, tokenizer.convert_ids_to_tokens(model.config.mask_token_id), str(folder), "folder")
         return _Base(model, tokenizer, conversion, read_training_record(folder), folder,
                      f"Efficient-DLM checkpoint {folder}")
@@ -185,7 +167,7 @@ def load_base(args) -> _Base:
     location = result.base.location
     if result.base.kind in ("folder", "gguf"):
         location = str(Path(location).expanduser().resolve())  # an adapter may be loaded from another folder
-    conversion = _conversion_record(result.model, result.mask_token, location, result.base.kind)
+    conversion = conversion_record(result.model, result.mask_token, location, result.base.kind)
     return _Base(result.model, result.tokenizer, conversion, [], None, result.base.description, result)
 
 
