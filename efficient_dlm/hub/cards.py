@@ -463,7 +463,7 @@ def render_card(
 
 
 def _render_model_card(folder, repo_id, eval_file, bench_file, license, base_model) -> str:
-    from .. import __version__, conversion
+    from .. import conversion
 
     config = _read_optional_json(folder / MODEL_CONFIG)
     if not isinstance(config, dict):
@@ -506,12 +506,7 @@ def _render_model_card(folder, repo_id, eval_file, bench_file, license, base_mod
         eval_results=eval_results or None,
     )
     context = {
-        "card_data": card_data.to_yaml(),
-        "marker": _marker(__version__),
-        "repo_id": repo_id,
-        "model_name": model_name,
-        "license": license_id,
-        "base_hub_id": hub_id,
+        **_shared_context(card_data, repo_id, model_name, license_id, hub_id, stages, accuracy, speed),
         "base_description": base_description,
         "base_phrase": base_phrase,
         "base_model_type": config.get("base_model_type") or record.get("base_model_type") or "unknown",
@@ -527,21 +522,33 @@ def _render_model_card(folder, repo_id, eval_file, bench_file, license, base_mod
         "conversion": record,
         "conversion_command": record.get("command"),
         "conversion_version": record.get("efficient_dlm_version"),
-        "training_stages": stages,
         "code_files": sorted(p.name for p in folder.glob("*.py")),
         "threshold": _threshold(folder),
-        "max_new_tokens": USAGE_MAX_NEW_TOKENS,
         "has_chat_template": _has_chat_template(folder),
-        "accuracy": accuracy,
-        "speed": speed,
-        "citations": _citations(),
     }
     return _tidy(_environment().get_template(MODEL_CARD_TEMPLATE).render(**context))
 
 
-def _render_adapter_card(folder, repo_id, eval_file, bench_file, license, base_model) -> str:
+def _shared_context(card_data, repo_id, model_name, license_id, hub_id, stages, accuracy, speed) -> dict:
+    """What the model card and the adapter card both show."""
     from .. import __version__
 
+    return {
+        "card_data": card_data.to_yaml(),
+        "marker": _marker(__version__),
+        "repo_id": repo_id,
+        "model_name": model_name,
+        "license": license_id,
+        "base_hub_id": hub_id,
+        "training_stages": stages,
+        "max_new_tokens": USAGE_MAX_NEW_TOKENS,
+        "accuracy": accuracy,
+        "speed": speed,
+        "citations": _citations(),
+    }
+
+
+def _render_adapter_card(folder, repo_id, eval_file, bench_file, license, base_model) -> str:
     adapter = _read_optional_json(folder / ADAPTER_CONFIG)
     if not isinstance(adapter, dict):
         raise ValueError(f"{folder / ADAPTER_CONFIG} must hold a JSON object")
@@ -575,12 +582,7 @@ def _render_adapter_card(folder, repo_id, eval_file, bench_file, license, base_m
         eval_results=eval_results or None,
     )
     context = {
-        "card_data": card_data.to_yaml(),
-        "marker": _marker(__version__),
-        "repo_id": repo_id,
-        "model_name": model_name,
-        "license": license_id,
-        "base_hub_id": hub_id,
+        **_shared_context(card_data, repo_id, model_name, license_id, hub_id, stages, accuracy, speed),
         "peft_type": adapter.get("peft_type") or "LORA",
         "rank": adapter.get("r"),
         "alpha": adapter.get("lora_alpha"),
@@ -590,12 +592,7 @@ def _render_adapter_card(folder, repo_id, eval_file, bench_file, license, base_m
         "parameters": format_parameters(safetensors_parameter_count([folder / ADAPTER_WEIGHTS]))
         if (folder / ADAPTER_WEIGHTS).is_file() else "unknown",
         "tokenizer_source": repo_id if (folder / TOKENIZER_CONFIG).is_file() else hub_id,
-        "training_stages": stages,
         "threshold": DEFAULT_THRESHOLD,
-        "max_new_tokens": USAGE_MAX_NEW_TOKENS,
-        "accuracy": accuracy,
-        "speed": speed,
-        "citations": _citations(),
     }
     return _tidy(_environment().get_template(ADAPTER_CARD_TEMPLATE).render(**context))
 
