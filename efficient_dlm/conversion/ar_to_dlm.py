@@ -26,7 +26,8 @@ MASK_TOKEN_CANDIDATES = ("<|mask|>", "<|fim_pad|>", "<empty_output>")
 NEW_MASK_TOKEN = "<|mask|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Files of the package that every checkpoint folder carries, so `trust_remote_code` needs nothing installed.
-SHIPPED_CODE_FILES = ("configuration_efficient_dlm.py", "modeling_efficient_dlm.py", "generation_efficient_dlm.py")
+SHIPPED_CODE_FILES = ("configuration_efficient_dlm.py", "modeling_efficient_dlm.py", "generation_efficient_dlm.py",
+                      "kernels_efficient_dlm.py")
 CONVERSION_RECORD = "conversion.json"
 
 
@@ -154,6 +155,13 @@ def _add_mask_token(model, tokenizer) -> int:
     return token_id
 
 
+def pad_with_eos_if_unset(tokenizer) -> None:
+    """Batched prompts are left-padded; a tokenizer without a pad token (SmolLM2's GGUF under transformers 5.17)
+    pads with EOS, as the same GGUF does under newer transformers."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def load_ar_model(source: BaseSource, dtype: torch.dtype):
     """Load the AR parent and its tokenizer from a resolved source."""
     if source.kind == "gguf":
@@ -166,6 +174,7 @@ def load_ar_model(source: BaseSource, dtype: torch.dtype):
         check_base_model_type(config.model_type, f"{source.description}")
         tokenizer = AutoTokenizer.from_pretrained(source.location)
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
+    pad_with_eos_if_unset(tokenizer)
     return model.eval(), tokenizer
 
 
@@ -211,10 +220,7 @@ def convert(
         ar_model = ar_model.to(DTYPES[dtype])
     check_base_model_type(ar_model.config.model_type, "config.model_type")
 
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        # Batched prompts are left-padded; a tokenizer without a pad token (SmolLM2's GGUF under transformers
-        # 5.17) pads with EOS, as the same GGUF does under newer transformers.
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_with_eos_if_unset(tokenizer)
     eos_id = ar_model.config.eos_token_id if ar_model.config.eos_token_id is not None else tokenizer.eos_token_id
     pad_id = ar_model.config.pad_token_id if ar_model.config.pad_token_id is not None else tokenizer.pad_token_id
     token, token_id, is_new = resolve_mask_token(tokenizer, mask_token, eos_token_id=eos_id, pad_token_id=pad_id)
