@@ -1,6 +1,7 @@
 """Block-wise confidence-threshold decoding (Fast-dLLM style) over an exact block KV cache.
 
-This file ships inside every checkpoint folder (remote code): it imports only torch, transformers and the stdlib.
+This file ships inside every checkpoint folder (remote code): it imports only torch, transformers, the stdlib and its
+sibling kernels_efficient_dlm.py (whose triton import is optional).
 
 Per request: the prompt and then, block after block, `block_size` positions that start as the mask token. Each
 denoising step is one forward of the current block against the cache; every still-masked position whose confidence
@@ -13,6 +14,8 @@ step of the first block.
 """
 
 import warnings
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,8 @@ import torch.nn.functional as F
 from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import ModelOutput
+
+from .kernels_efficient_dlm import cached_block_attention, confidence_argmax, triton_usable
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -33,7 +38,14 @@ DIFFUSION_DEFAULTS = {
     "steps": None,
     "sub_block_size": None,
     "output_history": False,
+    "compile": False,
+    "kernels": "auto",
 }
+
+# Triton kernels the static decoding step can use (kernels_efficient_dlm.py); each beat its torch counterpart inside a
+# CUDA graph on an H100 (benchmarks/results/kernels_bench_h100.json): the fused confidence/argmax over the vocabulary
+# and the block attention over the cache (no dense mask).
+KERNEL_NAMES = ("confidence_argmax", "block_attention")
 
 
 class EfficientDlmGenerationConfig(GenerationConfig):
@@ -50,6 +62,12 @@ class EfficientDlmGenerationConfig(GenerationConfig):
         sub_block_size (`int`, *optional*): decode each block in sub-blocks left to right (must divide block_size).
         output_history (`bool`, defaults to False): with `return_dict_in_generate`, keep the completion after every
             denoising step (undecoded positions hold the mask token).
+        compile (`bool`, defaults to False): with the static path, run each decoder layer of the two repeating step
+            shapes through `torch.compile` (inside the CUDA graph on CUDA). One compiled layer serves every layer;
+            compiled code and captured graphs are kept for later calls with the same shapes.
+        kernels (`str` or list, defaults to "auto"): Triton kernels for the static path's steps: "auto" (all of
+            `KERNEL_NAMES` where CUDA and triton are available, else the torch code with one log line), "none", or
+            names among `KERNEL_NAMES` ("confidence_argmax", "block_attention"; also a comma-separated string).
     """
 
     def __init__(self, **kwargs):
@@ -117,8 +135,23 @@ def validate_generation_config(config: EfficientDlmGenerationConfig) -> None:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {config.top_k!r}")
         if config.top_p is not None and not 0 < config.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {config.top_p!r}")
+    if not isinstance(config.compile, bool):
+        raise ValueError(f"compile must be True or False, got {config.compile!r}")
+    requested_kernels(config.kernels)  # raises on a bad value
     if config.num_return_sequences not in (None, 1) or config.num_beams not in (None, 1):
         raise ValueError("num_return_sequences and num_beams must be 1: beam search does not apply to diffusion")
+
+
+def requested_kernels(value) -> frozenset:
+    """The kernel names a `kernels` setting asks for ("auto" and "all": every one; "none": none)."""
+    if value is None or value in ("auto", "all"):
+        return frozenset(KERNEL_NAMES)
+    if value in ("none", False):
+        return frozenset()
+    names = [n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple, set, frozenset)) or any(n not in KERNEL_NAMES for n in names):
+        raise ValueError(f"kernels must be 'auto', 'none', 'all' or names among {KERNEL_NAMES}, got {value!r}")
+    return frozenset(names)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -134,12 +167,15 @@ class DiffusionGenerateOutput(ModelOutput):
     nfe: model forward passes (each one a denoising step; the prompt prefill is the first step).
     tokens_per_forward: generated tokens (up to and including EOS) per row per forward that row took part in.
     history: with `output_history`, the completion `[batch, max_new_tokens]` after each step (mask token = undecoded).
+    decode_path: how the repeating steps ran, e.g. "dynamic", "uncached", "static", "static+graphs+compile+kernels(
+        block_attention,confidence_argmax)" (kernels as actually used, after any fallback).
     """
 
     sequences: torch.LongTensor = None
     nfe: int = None
     tokens_per_forward: float = None
     history: tuple | None = None
+    decode_path: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -210,7 +246,10 @@ def propose_tokens(logits, *, do_sample=False, temperature=None, top_k=None, top
             logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
     if greedy:
-        confidence, tokens = probs.max(-1)
+        # The argmax of the logits, not of the probabilities: rounding in the softmax could tie distinct logits. The
+        # fused kernel (kernels_efficient_dlm.confidence_argmax) makes the same choice, lowest index on ties.
+        tokens = logits.argmax(-1)
+        confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     else:
         flat = probs.reshape(-1, probs.shape[-1])
         tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
@@ -282,7 +321,9 @@ class DiffusionGenerationMixin(GenerationMixin):
             use_cache (`bool`, defaults to True): False recomputes the whole prefix every step (the reference).
             cache_implementation (`str`, *optional*): "static" = fixed shapes, finished rows stay in the batch, and
                 on CUDA with greedy decoding each step is a replayed CUDA graph (the default on CUDA); "dynamic" =
-                the eager block cache that evicts finished rows (the default on CPU).
+                the eager block cache that evicts finished rows (the default on CPU). The static path keeps its
+                buffers and graphs per model for the next call with the same shapes (`clear_static_decoding_state()`
+                frees them).
             kwargs: any `EfficientDlmGenerationConfig` field (`max_new_tokens`, `threshold`, `block_size`, ...).
 
         Returns:
@@ -341,6 +382,9 @@ class DiffusionGenerationMixin(GenerationMixin):
             raise ValueError(
                 f"cache_implementation must be 'static', 'dynamic' or None, got {config.cache_implementation!r}"
             )
+        if config.compile and not static:
+            raise ValueError("compile=True needs the static decoding path: cache_implementation='static' (the default "
+                             "on CUDA) and use_cache=True")
         if static:
             # CUDA graphs replay fixed kernels: greedy decoding only (sampling draws would be frozen into the graph).
             use_graphs = input_ids.device.type == "cuda" and not (config.do_sample and config.temperature != 0)
@@ -361,8 +405,12 @@ class DiffusionGenerationMixin(GenerationMixin):
             return sequences
         return DiffusionGenerateOutput(
             sequences=sequences, nfe=nfe, tokens_per_forward=decoder.generated_tokens / max(decoder.row_forwards, 1),
-            history=tuple(history) if config.output_history else None,
+            history=tuple(history) if config.output_history else None, decode_path=decoder.decode_path(),
         )
+
+    def clear_static_decoding_state(self) -> None:
+        """Free the static path's kept buffers, KV caches and CUDA graphs (they are kept per shape for later calls)."""
+        _STATIC_STATES.pop(self, None)
 
     def _check_prompt(self, input_ids, attention_mask):
         if input_ids is None:
@@ -418,8 +466,12 @@ class _BlockDecoder:
             self.cache = BlockKVCache(c.num_hidden_layers, batch, c.num_key_value_heads, capacity, c.head_dim,
                                       model.dtype, self.device)
         self.prev_logits = None  # shift mode: the logits of the position before the current block
+        self.confidence_kernel = False  # the static decoder may switch on the fused Triton confidence/argmax
         self.generated_tokens = 0
         self.row_forwards = 0  # forwards summed over the rows that took part: the denominator of TPF
+
+    def decode_path(self) -> str:
+        return "dynamic" if self.use_cache else "uncached"
 
     def _forward(self, canvas):
         """Logits for the canvas positions (already shifted in token-shift mode); writes pending K/V to the cache."""
@@ -489,11 +541,15 @@ class _BlockDecoder:
         """One denoising step: forward the block, propose a token per position, commit by the rule."""
         config = self.config
         logits = self._forward(canvas)
-        logits[..., self.mask_id] = float("-inf")  # the mask token is never a prediction
-        tokens, confidence = propose_tokens(
-            logits, do_sample=config.do_sample, temperature=config.temperature, top_k=config.top_k,
-            top_p=config.top_p, generator=self.generator,
-        )
+        if self.confidence_kernel and (not config.do_sample or config.temperature == 0):
+            # One pass over the vocabulary, no float32 softmax materialised; the same choice as propose_tokens.
+            tokens, confidence = confidence_argmax(logits, exclude_token_id=self.mask_id, use_triton=True)
+        else:
+            logits[..., self.mask_id] = float("-inf")  # the mask token is never a prediction
+            tokens, confidence = propose_tokens(
+                logits, do_sample=config.do_sample, temperature=config.temperature, top_k=config.top_k,
+                top_p=config.top_p, generator=self.generator,
+            )
         eligible = masked & active_sub_block(masked, config.sub_block_size)
         commit = select_commits(confidence, eligible, threshold=config.threshold, factor=config.factor,
                                 steps=config.steps)
@@ -572,6 +628,11 @@ class StaticBlockKVCache:
     Shapes and addresses never change, so a denoising step over it can be captured in a CUDA graph. Which slots a
     query may see is the caller's business (`token_layouts`); unfilled slots are simply invisible.
     keys/values: `[layers, batch, kv_heads, capacity, head_dim]`; `write_index`: a 0-d long tensor.
+
+    The model's forward calls `run_layer` for each layer (see `EfficientDlmModel.forward`): each layer then gets its
+    own `_StaticLayerKV` view, and during the repeating step shapes (`fast`) the layer may run compiled and its
+    attention through the Triton block kernel. Outside those steps (the prompt prefill, a short last block) every
+    layer runs as written, over a dense mask.
     """
 
     def __init__(self, num_layers, batch, num_kv_heads, capacity, head_dim, dtype, device):
@@ -579,16 +640,113 @@ class StaticBlockKVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.write_index = torch.zeros((), dtype=torch.long, device=device)
+        self.pad_len = torch.zeros(batch, dtype=torch.long, device=device)  # each row's left padding (prompt slots)
+        self.views = [_StaticLayerKV(self, layer) for layer in range(num_layers)]
+        # Per step, set by the decoder: a repeating step shape, its clean prefix, and how that step runs.
+        self.fast = False
+        self.clean_prefix_len = 0
+        self.compiled_layer = None
+        self.block_attention = False
+
+    @property
+    def needs_mask(self) -> bool:
+        return not (self.fast and self.block_attention)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions come with token_layouts; nothing is derived from a length here
 
     def update(self, key, value, layer_idx):
-        slots = self.write_index + torch.arange(key.shape[2], device=key.device)
+        return self.views[layer_idx].update(key, value)
+
+    def run_layer(self, layer, index, hidden_states, position_embeddings, mask):
+        if self.fast and self.compiled_layer is not None:
+            return self.compiled_layer(layer, hidden_states, position_embeddings, mask, self.views[index])
+        return layer(hidden_states, position_embeddings, mask, self.views[index])
+
+
+class _StaticLayerKV:
+    """One layer's slots of a `StaticBlockKVCache`, handed to that layer's attention (`is_layer_view`)."""
+
+    is_layer_view = True
+
+    def __init__(self, cache: StaticBlockKVCache, layer: int):
+        self.cache = cache
+        self.keys, self.values = cache.keys[layer], cache.values[layer]
+
+    def update(self, key, value):
+        """Write the step's K/V at the write index; return every slot."""
+        slots = self.cache.write_index + torch.arange(key.shape[2], device=key.device)
         # Under autocast (e.g. a model still wrapped by a mixed-precision Trainer) K/V may arrive in another dtype.
-        self.keys[layer_idx].index_copy_(2, slots, key.to(self.keys.dtype))
-        self.values[layer_idx].index_copy_(2, slots, value.to(self.values.dtype))
-        return self.keys[layer_idx], self.values[layer_idx]
+        self.keys.index_copy_(2, slots, key.to(self.keys.dtype))
+        self.values.index_copy_(2, slots, value.to(self.values.dtype))
+        return self.keys, self.values
+
+    def attend(self, query, key, value, mask, scaling, backend):
+        cache = self.cache
+        if cache.fast and cache.block_attention:
+            # The kernel reads the filled slots [pad_len, write_index) and takes the step's own K/V directly; the
+            # write is for later steps, into slots it does not read. Writing first matters under torch.compile: the
+            # write can then happen in place, where a write after a read of the same cache makes inductor copy the
+            # whole layer cache to keep the read's input intact.
+            keys, values = self.update(key, value)
+            key, value = key.to(keys.dtype), value.to(values.dtype)
+            return cached_block_attention(query, keys, values, key, value, cache.write_index, cache.pad_len, scaling,
+                                          cache.clean_prefix_len)
+        keys, values = self.update(key, value)
+        return backend(query, keys, values, mask, scaling, 0.0)
+
+
+def _run_layer(layer, hidden_states, position_embeddings, mask, layer_kv):
+    return layer(hidden_states, position_embeddings, mask, layer_kv)
+
+
+_COMPILED_LAYER = []  # torch.compile(_run_layer), made on first use (compiled code is cached per code object anyway)
+# Options for that torch.compile call (tests may pick another backend). dynamic=False: the two step shapes are few
+# and fixed; specialised code is what the CUDA graph wants.
+COMPILE_OPTIONS = {"dynamic": False}
+
+
+def _compiled_layer():
+    if not _COMPILED_LAYER:
+        _COMPILED_LAYER.append(torch.compile(_run_layer, **COMPILE_OPTIONS))
+    return _COMPILED_LAYER[0]
+
+
+class _StaticState:
+    """What the static decoder keeps across generate() calls of one shape: the cache, every slot's layout, the
+    step's input/output buffers and the CUDA graphs that read and write them. A graph replays fixed addresses, so
+    reusing it means refilling these tensors in place, never replacing them. Holds tensors only (no model): the
+    per-model registry below is a weak mapping."""
+
+    def __init__(self, model, batch, capacity, device):
+        c = model.config
+        self.cache = StaticBlockKVCache(c.num_hidden_layers, batch, c.num_key_value_heads, capacity, c.head_dim,
+                                        model.dtype, device)
+        self.slot_positions = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.slot_blocks = torch.zeros_like(self.slot_positions)
+        self.slot_is_real = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.committed = torch.zeros_like(self.slot_is_real)
+        self.no_noise = torch.zeros_like(self.slot_is_real)
+        self.slots = torch.arange(capacity, device=device)
+        self.eos_ids = None
+        self.prev_logits = None  # shift mode: made by the first prefill, refilled by later ones
+        self.graphs = {}  # (step kind, how it decodes) -> (graph, buffers)
+
+
+# model -> OrderedDict(shape key -> _StaticState), the most recently used last. Weak: a freed model frees its states.
+_STATIC_STATES = weakref.WeakKeyDictionary()
+MAX_STATIC_STATES = 4  # shapes kept per model (each holds a KV cache); the least recently used goes first
+
+
+def _static_state(model, key, batch, capacity, device) -> _StaticState:
+    states = _STATIC_STATES.setdefault(model, OrderedDict())
+    state = states.pop(key, None)
+    if state is None:
+        while len(states) >= MAX_STATIC_STATES:
+            states.popitem(last=False)
+        state = _StaticState(model, batch, capacity, device)
+    states[key] = state
+    return state
 
 
 class _StaticBlockDecoder(_BlockDecoder):
@@ -596,33 +754,62 @@ class _StaticBlockDecoder(_BlockDecoder):
 
     Every slot's logical position and block is known when the call starts (left padding keeps rows aligned), so
     they are computed once; a step then only moves a device-side write index. Rows stay in the batch after they
-    finish (their positions count as decoded), which keeps shapes fixed; on CUDA with greedy decoding the two step
-    shapes — a plain step over the block, and the first step of a block carrying the previous block in front — are
-    captured once each as CUDA graphs and replayed. The host synchronises once per step (any mask left?).
+    finish (their positions count as decoded), which keeps shapes fixed. Two step shapes repeat — a plain step over
+    the block, and the first step of a block carrying the previous block in front —; on CUDA with greedy decoding
+    each is captured once as a CUDA graph and replayed (and kept, with the buffers it reads, for later calls with the
+    same shapes), with `compile` their decoder layers run through torch.compile, and the Triton kernels serve their
+    attention and commit. The host synchronises once per step (any mask left?).
     """
 
     def __init__(self, model, config, input_ids, attention_mask, eos_ids, pad_id, mask_token_id, max_new_tokens,
                  generator, use_graphs):
         super().__init__(model, config, input_ids, attention_mask, eos_ids, pad_id, mask_token_id, max_new_tokens,
                          use_cache=False, generator=generator)
-        c, (batch, width) = model.config, input_ids.shape
+        batch, width = input_ids.shape
         self.capacity = width + max_new_tokens
-        self.cache = StaticBlockKVCache(c.num_hidden_layers, batch, c.num_key_value_heads, self.capacity, c.head_dim,
-                                        model.dtype, self.device)
+        kernels = requested_kernels(config.kernels)
+        if kernels:
+            # "auto" uses the compiled kernels only (CUDA); naming kernels also allows triton's interpreter (tests).
+            usable = triton_usable(self.device, "the static decoding step",
+                                   allow_interpreter=config.kernels not in (None, "auto"))
+            kernels = kernels if usable else frozenset()
+        self.kernels = kernels
+        # Everything a captured graph bakes in: shapes, dtype, and the Python constants of the step's code.
+        # Parameters are part of it by address, so graphs never outlive the weights they read (e.g. after .to()).
+        shape_key = (batch, width, max_new_tokens, self.block_size, model.dtype, str(self.device), self.shift,
+                     tuple(eos_ids.tolist()), tuple(p.data_ptr() for p in model.parameters()))
+        state = _static_state(model, shape_key, batch, self.capacity, self.device)
+        self.state, self.cache = state, state.cache
+        self.graph_key = (
+            config.threshold, config.factor, config.steps, config.sub_block_size, mask_token_id, pad_id,
+            config.compile, tuple(sorted(kernels)), model.config._attn_implementation,
+        )
+        # Refill the kept buffers in place (captured graphs read these very tensors).
         prompt_lengths = attention_mask.sum(-1, keepdim=True)
-        slot = torch.arange(self.capacity, device=self.device)
         prompt_positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        generated_positions = prompt_lengths + (slot[width:] - width)
-        self.slot_positions = torch.cat([prompt_positions, generated_positions], 1)  # [B, capacity]
-        self.slot_blocks = (self.slot_positions + self.block_offset[:, None]) // self.block_size
-        self.slots = slot
-        self.committed = torch.zeros(batch, self.capacity, dtype=torch.bool, device=self.device)
-        self.slot_is_real = torch.cat([attention_mask.bool(), torch.ones_like(generated_positions, dtype=torch.bool)], 1)
+        generated_positions = prompt_lengths + (state.slots[width:] - width)
+        positions = torch.cat([prompt_positions, generated_positions], 1)  # [B, capacity]
+        state.slot_positions.copy_(positions)
+        state.slot_blocks.copy_((positions + self.block_offset[:, None]) // self.block_size)
+        state.slot_is_real.copy_(torch.cat([attention_mask.bool(), torch.ones_like(generated_positions, dtype=torch.bool)],
+                                           1))
+        state.committed.zero_()
+        state.cache.write_index.zero_()
+        state.cache.pad_len.copy_(width - prompt_lengths[:, 0])
+        if state.eos_ids is None:
+            state.eos_ids = eos_ids.clone()
+        self.eos_ids = state.eos_ids
+        self.slot_positions, self.slot_blocks, self.slot_is_real = (state.slot_positions, state.slot_blocks,
+                                                                    state.slot_is_real)
+        self.committed, self.no_noise = state.committed, state.no_noise
+        self.prev_logits = state.prev_logits
+        self.slots = state.slots
         self._prefill_pending = True  # the first step (prompt + first block) runs eagerly: its shape is unique
-        self.no_noise = torch.zeros_like(self.committed)
         self.use_graphs = use_graphs
-        self.graphs = {}
-        self.pending_buffer = None  # set when the first block is committed
+
+    def decode_path(self) -> str:
+        path = "static" + ("+graphs" if self.use_graphs else "") + ("+compile" if self.config.compile else "")
+        return path + (f"+kernels({','.join(sorted(self.kernels))})" if self.kernels else "")
 
     def _has_active_rows(self) -> bool:
         return not bool(self.done.all())
@@ -663,25 +850,36 @@ class _StaticBlockDecoder(_BlockDecoder):
             return logits
         if logits.shape[1] == n + 1:
             if self.prev_logits is None:
-                self.prev_logits = logits[:, :1].clone()
+                self.prev_logits = self.state.prev_logits = logits[:, :1].clone()
             else:
                 self.prev_logits.copy_(logits[:, :1])
             return logits[:, :n]
         return torch.cat([self.prev_logits, logits[:, : n - 1]], 1)
 
+    def _configure_step(self, fast: bool, clean_prefix_len: int) -> None:
+        """How this step runs: the repeating shapes get the compiled layer and the kernels, the others neither."""
+        cache = self.cache
+        cache.fast = fast
+        cache.clean_prefix_len = clean_prefix_len
+        cache.compiled_layer = _compiled_layer() if fast and self.config.compile else None
+        cache.block_attention = fast and "block_attention" in self.kernels
+        self.confidence_kernel = fast and "confidence_argmax" in self.kernels
+
     def _step(self, canvas, masked):
         first_of_block = self.pending.shape[1] > 0
         prefill = first_of_block and self._prefill_pending
-        capturable = self.use_graphs and not prefill and canvas.shape[1] == self.block_size
-        if not capturable:
+        fast = not prefill and canvas.shape[1] == self.block_size  # one of the two shapes that repeat
+        self._configure_step(fast, self.pending.shape[1])
+        if not (fast and self.use_graphs):
             canvas, masked = super()._step(canvas, masked)
             self.pending = self.pending[:, :0]
             self._prefill_pending = False
             return canvas, masked
-        key = "first" if first_of_block else "plain"
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(key, canvas, masked)
-        graph, buffers = self.graphs[key]
+        key = ("first" if first_of_block else "plain", *self.graph_key)
+        graphs = self.state.graphs
+        if key not in graphs:
+            graphs[key] = self._capture(key[0], canvas, masked)
+        graph, buffers = graphs[key]
         buffers["canvas"].copy_(canvas)
         buffers["masked"].copy_(masked)
         if first_of_block:
@@ -690,16 +888,20 @@ class _StaticBlockDecoder(_BlockDecoder):
         self.pending = self.pending[:, :0]
         return buffers["canvas_out"], buffers["masked_out"]
 
-    def _capture(self, key, canvas, masked):
-        """Capture one step shape as a CUDA graph over static buffers (state it mutates is restored after warm-up)."""
+    def _capture(self, kind, canvas, masked):
+        """Capture one step shape as a CUDA graph over static buffers (state it mutates is restored after warm-up).
+
+        All graphs of a state share one memory pool. That is safe because each replay's outputs are consumed
+        (copied into the next step's inputs, the completion) before any other graph replays."""
         buffers = {"canvas": canvas.clone(), "masked": masked.clone()}
-        if key == "first":
+        if kind == "first":
             buffers["pending"] = self.pending.clone()
         saved = (self.cache.write_index.clone(), self.committed.clone())
-        pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
+        graphs = self.state.graphs
+        pool = next(iter(graphs.values()))[0].pool() if graphs else None
 
         def step():
-            self.pending = buffers["pending"] if key == "first" else buffers["canvas"][:, :0]
+            self.pending = buffers["pending"] if kind == "first" else buffers["canvas"][:, :0]
             out_canvas, out_masked = _BlockDecoder._step(self, buffers["canvas"], buffers["masked"])
             buffers["canvas_out"], buffers["masked_out"] = out_canvas, out_masked
 
@@ -710,7 +912,7 @@ class _StaticBlockDecoder(_BlockDecoder):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            step()  # warm-up: allocations and lazy initialisation happen outside the capture
+            step()  # warm-up: compilation, allocations and lazy initialisation happen outside the capture
         torch.cuda.current_stream().wait_stream(side)
         restore()
         graph = torch.cuda.CUDAGraph()
@@ -742,6 +944,7 @@ __all__ = [
     "DiffusionGenerateOutput",
     "DiffusionGenerationMixin",
     "EfficientDlmGenerationConfig",
+    "KERNEL_NAMES",
     "active_sub_block",
     "propose_tokens",
     "select_commits",

@@ -52,8 +52,10 @@ __all__ = [
     "confidence_argmax",
     "confidence_argmax_reference",
     "confidence_argmax_triton",
+    "cached_block_attention",
     "triton_available_for",
     "triton_interpreting",
+    "triton_usable",
 ]
 
 
@@ -72,9 +74,16 @@ def triton_available_for(tensor: torch.Tensor) -> bool:
 def _use_triton(tensor: torch.Tensor, use_triton: bool | None, what: str) -> bool:
     if use_triton is not None:
         return use_triton
-    if triton_available_for(tensor):
+    return triton_usable(tensor.device, what)
+
+
+def triton_usable(device: torch.device, what: str, *, allow_interpreter: bool = False) -> bool:
+    """Whether the Triton kernels can run on `device` (compiled on CUDA; with `allow_interpreter`, also through
+    triton's interpreter on the CPU). When not, says so once per reason and process, naming `what` falls back."""
+    device = torch.device(device)
+    if HAS_TRITON and (device.type == "cuda" or (allow_interpreter and triton_interpreting())):
         return True
-    reason = "triton is not installed" if not HAS_TRITON else f"tensors are on {tensor.device.type}, not CUDA"
+    reason = "triton is not installed" if not HAS_TRITON else f"tensors are on {device.type}, not CUDA"
     if reason not in _LOGGED_FALLBACKS:  # one line per reason and process, not one per layer and step
         _LOGGED_FALLBACKS.add(reason)
         logger.warning("efficient_dlm kernels: %s; %s (and the other kernels) run the torch reference path",
@@ -745,3 +754,43 @@ def confidence_argmax(
     if _use_triton(logits, use_triton, "confidence_argmax"):
         return confidence_argmax_triton(logits, exclude_token_id, out=out)
     return confidence_argmax_reference(logits, exclude_token_id, out=out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The attention kernel as an opaque op for torch.compile
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _cached_block_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_blk: torch.Tensor,
+                                 v_blk: torch.Tensor, cache_len: torch.Tensor, pad_len: torch.Tensor, scale: float,
+                                 clean_prefix_len: int) -> torch.Tensor:
+    return block_attention_triton(q, k_cache, v_cache, k_blk, v_blk, cache_len, pad_len=pad_len, scale=scale,
+                                  clean_prefix_len=clean_prefix_len)
+
+
+def _register_cached_block_attention():
+    """`block_attention_triton` (device-side `cache_len`, `pad_len`, no cache write) as a torch custom op, so that a
+    compiled decoder layer calls it as one opaque kernel: torch.compile neither traces the launcher's Python nor
+    breaks the graph around it. The op is pure (the caller writes the cache), so functionalisation has nothing to
+    copy. Registered once per process: this file may be imported twice (the package and a checkpoint's remote-code
+    copy); the second import reuses the first's op, which runs the same code."""
+    namespace = getattr(torch.ops, "efficient_dlm", None)
+    existing = getattr(namespace, "cached_block_attention", None) if namespace is not None else None
+    if existing is not None:
+        return existing
+    if not hasattr(torch.library, "custom_op"):  # torch < 2.4: plain call (a graph break under torch.compile)
+        return torch.compiler.disable(_cached_block_attention_impl)
+    op = torch.library.custom_op("efficient_dlm::cached_block_attention", mutates_args=())(
+        _cached_block_attention_impl)
+
+    @op.register_fake
+    def _(q, k_cache, v_cache, k_blk, v_blk, cache_len, pad_len, scale, clean_prefix_len):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    return op
+
+
+cached_block_attention = _register_cached_block_attention()
+cached_block_attention.__doc__ = """Triton block attention over a static cache for the decoding step:
+`cached_block_attention(q, k_cache, v_cache, k_blk, v_blk, cache_len, pad_len, scale, clean_prefix_len)`, arguments
+as `block_attention_triton`'s (`cache_len` a one-element device tensor, `pad_len` `[B]`); never writes the cache."""

@@ -280,12 +280,17 @@ class EfficientDlmAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
 
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-
         backend = ATTENTION_BACKENDS[self.config._attn_implementation or "sdpa"]
-        dropout = self.config.attention_dropout if self.training else 0.0
-        attn_output = backend(query, key, value, attention_mask, self.scaling, dropout)
+        if getattr(past_key_values, "is_layer_view", False):
+            # generate()'s static decoder hands each layer a view of its own cache slots, which writes the K/V and
+            # attends (maybe through a Triton kernel). It never reads layer_idx: one compiled layer then serves every
+            # layer, where an int attribute read inside torch.compile would specialise (recompile) per layer.
+            attn_output = past_key_values.attend(query, key, value, attention_mask, self.scaling, backend)
+        else:
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.layer_idx)
+            dropout = self.config.attention_dropout if self.training else 0.0
+            attn_output = backend(query, key, value, attention_mask, self.scaling, dropout)
         attn_output = attn_output.transpose(1, 2).reshape(batch, seq_len, -1)
         return self.o_proj(attn_output)
 
@@ -384,18 +389,25 @@ class EfficientDlmModel(EfficientDlmPreTrainedModel):
             if position_ids is None:
                 raise ValueError("token_layouts needs position_ids")
             queries, keys = token_layouts
-        if self.config._attn_implementation == "flex_attention":
+        # Built once per forward, shared by every layer. A static decoding step whose attention runs the block kernel
+        # needs no mask at all (the cache says which slots are visible).
+        run_layer = getattr(past_key_values, "run_layer", None)
+        if run_layer is not None and not past_key_values.needs_mask:
+            mask = None
+        elif self.config._attn_implementation == "flex_attention":
             mask = flex_block_mask(pattern, queries, keys)
         else:
             mask = dense_attention_mask(pattern, queries, keys)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
                 hidden_states = self._gradient_checkpointing_func(
                     layer.__call__, hidden_states, position_embeddings, mask, past_key_values
                 )
+            elif run_layer is not None:  # generate()'s static cache: per-layer views, maybe a compiled layer
+                hidden_states = run_layer(layer, index, hidden_states, position_embeddings, mask)
             else:
                 hidden_states = layer(hidden_states, position_embeddings, mask, past_key_values)
         hidden_states = self.norm(hidden_states)

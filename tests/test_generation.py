@@ -75,6 +75,106 @@ def test_static_cache_path_keeps_finished_rows_and_gives_the_same_tokens(shift_l
     assert torch.equal(dynamic.sequences, static.sequences) and dynamic.nfe == static.nfe
 
 
+# The fast static path on the CPU: what the compiled layer and the kernels compute inside the CUDA graph on a GPU
+# (tests/test_gpu.py and benchmarks/validate_static_gpu.py check the graphs themselves).
+STATIC_CASES = [([9], 16), ([9, 5, 12], 16)]  # single, and batched with ragged left padding
+
+
+def static_vs_eager(dlm, cases=STATIC_CASES, **static_options):
+    for lengths, new in cases:
+        ids, mask = left_padded_batch(lengths, seed=len(lengths))
+        kwargs = dict(attention_mask=mask, max_new_tokens=new, threshold=0.05, eos_token_id=[],
+                      return_dict_in_generate=True)
+        eager = dlm.generate(ids, cache_implementation="dynamic", **kwargs)
+        fast = dlm.generate(ids, cache_implementation="static", **static_options, **kwargs)
+        assert torch.equal(eager.sequences, fast.sequences), (lengths, static_options)
+        assert eager.decode_path == "dynamic" and fast.decode_path.startswith("static")
+        assert ("+compile" in fast.decode_path) == static_options.get("compile", False)
+        assert eager.nfe == fast.nfe > new // 4  # several steps per block: the repeating step shapes ran
+
+
+@pytest.mark.parametrize("shift_logits", [False, True])
+def test_compiled_static_path_gives_the_eager_tokens_and_compiles_once_per_step_shape(shift_logits):
+    """fp32, torch.compile'd decoder layers (inductor on the CPU): same tokens as the eager reference, single and
+    batched; one compiled layer serves every layer (two graphs per batch shape: the plain step and the first step
+    of a block), and a repeated call compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    dlm = converted(block_size=4, shift_logits=shift_logits)
+    torch._dynamo.reset()
+    counters.clear()
+    static_vs_eager(dlm, compile=True, kernels="none")
+    assert counters["stats"]["unique_graphs"] == 2 * len(STATIC_CASES)
+    static_vs_eager(dlm, compile=True, kernels="none")
+    assert counters["stats"]["unique_graphs"] == 2 * len(STATIC_CASES)
+
+
+def test_static_state_is_kept_per_shape_and_refilled_per_call():
+    """A second call with the same shapes reuses the kept buffers (the same cache tensors) and still gives the eager
+    tokens for a different prompt; another shape gets its own state; clearing frees them."""
+    from efficient_dlm.generation_efficient_dlm import _STATIC_STATES
+
+    dlm = converted(block_size=4)
+    static_vs_eager(dlm, cases=[([9, 5, 12], 12)])
+    (state,) = _STATIC_STATES[dlm].values()
+    keys = state.cache.keys
+    ids, mask = left_padded_batch([3, 12, 7], seed=11)  # same width, other prompts and padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, threshold=0.05, eos_token_id=[])
+    assert torch.equal(dlm.generate(ids, cache_implementation="static", **kwargs),
+                       dlm.generate(ids, cache_implementation="dynamic", **kwargs))
+    assert len(_STATIC_STATES[dlm]) == 1 and next(iter(_STATIC_STATES[dlm].values())).cache.keys is keys
+    static_vs_eager(dlm, cases=[([4], 8)])
+    assert len(_STATIC_STATES[dlm]) == 2
+    dlm.clear_static_decoding_state()
+    assert dlm not in _STATIC_STATES
+
+
+needs_interpreted_triton = pytest.mark.skipif(
+    not __import__("efficient_dlm.kernels_efficient_dlm", fromlist=["x"]).triton_interpreting(),
+    reason="needs triton with TRITON_INTERPRET=1 (the kernels on the CPU)")
+
+
+@needs_interpreted_triton
+@pytest.mark.parametrize("shift_logits", [False, True])
+def test_static_path_with_the_triton_kernels_gives_the_eager_tokens(shift_logits, monkeypatch):
+    """Block attention over the cache and the fused confidence/argmax (triton's interpreter on the CPU) in the
+    repeating steps: same tokens as the eager reference, and the kernels did run."""
+    from efficient_dlm import generation_efficient_dlm as G
+
+    calls = {"attention": 0, "confidence": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(G, "cached_block_attention", counted("attention", G.cached_block_attention))
+    monkeypatch.setattr(G, "confidence_argmax", counted("confidence", G.confidence_argmax))
+    static_vs_eager(converted(block_size=4, shift_logits=shift_logits), kernels="all")
+    assert calls["attention"] > 0 and calls["confidence"] > 0
+
+
+@pytest.mark.slow
+@needs_interpreted_triton
+def test_compiled_static_path_with_the_triton_kernels_gives_the_eager_tokens():
+    """The block attention kernel as an opaque op inside the compiled layer."""
+    torch._dynamo.reset()
+    static_vs_eager(converted(block_size=4, shift_logits=True), compile=True, kernels="all")
+
+
+def test_static_path_without_cuda_falls_back_to_torch_with_one_log_line(caplog, monkeypatch):
+    from efficient_dlm import kernels_efficient_dlm as K
+
+    monkeypatch.setattr(K, "_LOGGED_FALLBACKS", set())
+    dlm = converted(block_size=4)
+    with caplog.at_level("WARNING", logger=K.__name__):
+        static_vs_eager(dlm, kernels="auto")
+        static_vs_eager(dlm)
+    lines = [r.getMessage() for r in caplog.records if r.name == K.__name__]
+    assert len(lines) == 1 and "not CUDA" in lines[0] and "reference path" in lines[0], lines
+
+
 @pytest.mark.parametrize("shift_logits", [False, True])
 def test_batch_rows_equal_single_rows_at_temperature_zero(shift_logits):
     dlm = converted(family="llama", block_size=4, shift_logits=shift_logits, seed=4)
@@ -285,6 +385,9 @@ def test_pipeline_text_generation_with_trust_remote_code(tmp_path):
     ({"top_p": 0.0, "do_sample": True}, r"top_p must be in \(0, 1\]"),
     ({"bogus_option": 1}, r"unknown arguments \['bogus_option'\]"),
     ({"cache_implementation": "offloaded"}, "cache_implementation must be 'static', 'dynamic' or None"),
+    ({"compile": "yes", "cache_implementation": "static"}, "compile must be True or False"),
+    ({"compile": True, "cache_implementation": "dynamic"}, "compile=True needs the static decoding path"),
+    ({"kernels": "flash", "cache_implementation": "static"}, "kernels must be 'auto', 'none', 'all' or names among"),
 ])
 def test_bad_generation_arguments(kwargs, message):
     dlm = converted(block_size=4)
