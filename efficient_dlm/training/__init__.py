@@ -1,4 +1,5 @@
-"""Training: masking schedules, data and collator, the conversion/SFT trainer, LoRA adapters, the `train` command.
+"""Training: masking schedules, data and collator, the conversion/SFT trainer, LoRA adapters, the `train` command;
+RL with verifiable tasks (`DiffusionGRPOTrainer`, `tasks.get_task`, the `rl` command).
 
     from efficient_dlm.conversion import convert
     from efficient_dlm.training import DlmConversionConfig, DlmConversionTrainer, build_training_dataset
@@ -9,7 +10,8 @@
     trainer = DlmConversionTrainer(result.model, config, train_dataset=rows)
     trainer.train()
 
-Names are imported on first use, so that `efficient-dlm` commands other than `train` do not pay for the Trainer.
+Names are imported on first use, so that `efficient-dlm` commands other than `train` / `rl` do not pay for the
+Trainer (or need TRL).
 """
 
 import importlib
@@ -50,6 +52,15 @@ _EXPORTS = {
     "lora_config": "adapters",
     "add_train_arguments": "cli",
     "run_train": "cli",
+    "DiffusionGRPOConfig": "grpo",
+    "DiffusionGRPOTrainer": "grpo",
+    "evaluate_on_task": "grpo",
+    "sequence_log_likelihood": "grpo",
+    "TASKS": "tasks",
+    "VerifiableTask": "tasks",
+    "get_task": "tasks",
+    "add_rl_arguments": "rl_cli",
+    "run_rl": "rl_cli",
 }
 
 

@@ -11,6 +11,10 @@ masked (n = block_size except where prompt or padding tokens, which are never ma
   becomes uniform; as t -> 0 the masks crowd at the end of the block, where decoding leaves its last tokens.
   Weighted sampling without replacement is Gumbel-top-k: the k largest of log w_i + Gumbel noise.
 - the complementary copy (Fast-dLLM v2) masks exactly the maskable positions the first copy left visible.
+- `draw_independent_masks`: each maskable token is masked on its own with probability t (the continuous-time
+  forward process). The count per block then varies, and E[1/t * sum over masked tokens] of any per-token quantity
+  is exactly its sum over the maskable tokens, for every t: the likelihood estimator of RL
+  (`efficient_dlm.training.grpo`) integrates over t with quadrature nodes and needs this exactness at each node.
 
 Blocks are those of the attention pattern: the token at position p of a row is in block (p + block_offset) // b,
 the rule the model and `generate()` use (a row whose prompt must end on a block boundary has block_offset > 0).
@@ -114,6 +118,30 @@ def draw_block_masks(
     return masked_grid.view(batch, -1).gather(1, slots)
 
 
+def seeded_uniforms(seeds, draws: int, length: int, device=None) -> torch.Tensor:
+    """U(0, 1) of shape `[rows, draws, length]`; row r comes from a CPU generator seeded with `seeds[r]`.
+
+    A row's numbers depend on its seed only: not on the batch it sits in, its place there, or the device. So a row
+    scored again later (the old and the new policy of one RL update, after the batch was shuffled and split) gets
+    the same masks, on a CPU as on a GPU.
+    """
+    seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
+    rows = [torch.rand((draws, length), generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
+    uniforms = torch.stack(rows) if rows else torch.empty(0, draws, length)
+    return uniforms.to(device) if device is not None else uniforms
+
+
+def draw_independent_masks(maskable: torch.Tensor, noise_levels: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Mask each maskable position independently with probability t.
+
+    Args:
+        maskable: bool `[batch, length]`.
+        noise_levels: t per token, broadcastable to `[batch, length]`.
+        uniforms: U(0, 1) `[batch, length]` (e.g. a slice of `seeded_uniforms`).
+    """
+    return maskable.bool() & (uniforms.to(maskable.device) < noise_levels)
+
+
 def complementary_mask(mask: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
     """The maskable positions `mask` left visible: the two copies together mask every maskable token once."""
     return maskable.bool() & ~mask
@@ -134,9 +162,11 @@ __all__ = [
     "check_masking_arguments",
     "complementary_mask",
     "draw_block_masks",
+    "draw_independent_masks",
     "num_grid_blocks",
     "position_log_weights",
     "position_weights",
     "sample_noise_levels",
+    "seeded_uniforms",
     "token_noise_levels",
 ]

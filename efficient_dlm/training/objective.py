@@ -188,6 +188,28 @@ def masked_token_loss_sum(logits: torch.Tensor, noised: NoisedBatch, shift_logit
     return (losses * weights).sum()
 
 
+def masked_token_log_likelihoods(logits: torch.Tensor, noised: NoisedBatch, shift_logits: bool = False,
+                                 compute_entropy: bool = False):
+    """Per position: weight * log p(token) where the token is masked, 0 elsewhere. float32 `[rows, L]`.
+
+    A row's sum is its term of the ELBO (with 1/t weights); the RL trainer needs it per row, where
+    `masked_token_loss_sum` sums over the batch. With `compute_entropy`, also the entropy of the predicted
+    distribution at each masked position (0 elsewhere): `(log_likelihoods, entropies)`.
+    """
+    scored_logits, targets, weights = _scored(logits, noised, shift_logits)
+    log_probs = torch.log_softmax(scored_logits.float(), dim=-1)
+    values = log_probs.gather(-1, targets[:, None]).squeeze(-1) * weights
+    # Scatter back to the positions of the scored tokens (with the shift, token i is scored at position i).
+    scored = noised.masked.clone()
+    if shift_logits:
+        scored[:, 0] = False
+    per_position = torch.zeros(scored.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
+    if not compute_entropy:
+        return per_position
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return per_position, torch.zeros_like(per_position).masked_scatter(scored, entropy)
+
+
 def masked_token_accuracy(logits: torch.Tensor, noised: NoisedBatch, shift_logits: bool = False) -> tuple[int, int]:
     """(correct, total) argmax predictions over the masked tokens."""
     scored_logits, targets, _ = _scored(logits, noised, shift_logits)
@@ -218,6 +240,7 @@ __all__ = [
     "expected_masked_weight",
     "lay_out_noised_batch",
     "masked_token_accuracy",
+    "masked_token_log_likelihoods",
     "masked_token_loss_sum",
     "maskable_positions",
     "noise_batch",

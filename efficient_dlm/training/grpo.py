@@ -1,0 +1,454 @@
+"""RL fine-tuning of block-diffusion models: TRL's GRPO with diffusion rollouts and a sequence likelihood estimate.
+
+    from efficient_dlm.training import DiffusionGRPOConfig, DiffusionGRPOTrainer
+    from efficient_dlm.training.tasks import get_task
+
+    task = get_task("addition")
+    config = DiffusionGRPOConfig(output_dir="rl", num_generations=8, max_completion_length=32, block_size=8)
+    trainer = DiffusionGRPOTrainer(model, reward_funcs=task.reward, args=config,
+                                   train_dataset=task.make_dataset(1024), processing_class=tokenizer)
+    trainer.train()
+
+What changes against `trl.GRPOTrainer` (everything else — advantages, clipping, loss types, KL to a reference,
+LoRA via `peft_config`, logging, `accelerate launch` — is TRL's):
+
+- Rollouts come from the model's own block-diffusion `generate()` (block size, threshold tau, temperature from the
+  config), cut after the first EOS. Their tokens per forward are logged (`diffusion/tokens_per_forward`).
+- A masked diffusion model has no exact likelihood, so the policy's log pi(completion | prompt) is estimated
+  (`sequence_log_likelihood`):
+  * `elbo` (default; GDPO-style): the block-diffusion ELBO, integrated over the noise level t by Gauss-Legendre
+    quadrature (2 nodes by default) with one mask draw per node, all blocks scored by one forward over the `bd3`
+    layout [x_t ; x_0] — the layout of the conversion objective. Each completion token is masked independently
+    with probability t and weighted 1/t, so at block size 1 the estimate is unbiased for the exact sequence
+    log-likelihood. Paired nodes mirror their uniforms (u and 1 - u: with 2 nodes every token is masked at exactly
+    one of them), which keeps each node's distribution and halves the variance (`antithetic_masks`). The mask draws
+    come from a seed stored with each rollout, so the old and the new policy of an update are scored on the same
+    masks wherever the row lands after TRL shuffles and splits the batch.
+  * `d1` (one-step, from d1/diffu-GRPO): every completion token masked at once, each block given the clean blocks
+    before it; one forward, deterministic, biased (it scores the first denoising step only). For comparison.
+  The estimate fills TRL's per-token slot as per-position contributions whose sum over a completion is the
+  estimate, and `importance_sampling_level="sequence"` turns them into one ratio per completion:
+  exp((L_new - L_old) / |completion|), GSPO's length-normalised sequence ratio.
+- TRL's fused LM head (a next-token log-prob kernel that shifts labels by one) is removed from the model again
+  after TRL installs it; our forward predicts masked tokens in place.
+"""
+
+import functools
+import inspect
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from trl import GRPOConfig, GRPOTrainer
+from trl.models import unwrap_model_for_generation
+
+from .masking import draw_independent_masks, num_grid_blocks, seeded_uniforms
+from .objective import lay_out_noised_batch, masked_token_log_likelihoods
+
+LIKELIHOOD_ESTIMATORS = ("elbo", "d1")
+# The TRL releases whose private methods this trainer overrides (tests/test_grpo.py checks their signatures).
+SUPPORTED_TRL = ">=1.16,<1.17"
+
+
+def quadrature_nodes(count: int) -> tuple[list[float], list[float]]:
+    """Gauss-Legendre nodes and weights on [0, 1] (the weights sum to 1)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"quadrature_nodes must be an integer >= 1, got {count!r}")
+    nodes, weights = np.polynomial.legendre.leggauss(count)
+    return [float((x + 1) / 2) for x in nodes], [float(w / 2) for w in weights]
+
+
+def sequence_log_likelihood(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_length: int,
+    *,
+    mask_token_id: int,
+    block_size: int,
+    estimator: str = "elbo",
+    num_nodes: int = 2,
+    mask_seeds: torch.Tensor | list[int] | None = None,
+    antithetic: bool = True,
+    temperature: float = 1.0,
+    shift_logits: bool = False,
+    compute_entropy: bool = False,
+):
+    """Estimate log p(completion | prompt) for each row of a TRL batch, as per-position contributions.
+
+    Args:
+        input_ids: `[rows, P + C]`, the left-padded prompts then the right-padded completions (TRL's layout).
+        attention_mask: `[rows, P + C]`, 0 on padding.
+        completion_length: C, the completion columns at the end.
+        estimator: "elbo" (quadrature ELBO, needs `mask_seeds`) or "d1" (one step, every completion token masked).
+        num_nodes: quadrature nodes over t (elbo).
+        mask_seeds: one integer per row; a row's masks depend on its seed only.
+        antithetic: odd quadrature nodes mask with the previous node's uniforms mirrored (u -> 1 - u).
+        temperature: logits are divided by it (the distribution the rollouts were sampled from).
+        shift_logits: the model's `config.shift_logits` (logit i scores token i + 1).
+    Returns:
+        float32 `[rows, C]` whose row sums are the estimates (0 on padding); with `compute_entropy`, also the
+        predictive entropy at each completion position (averaged over the nodes where it was masked).
+    """
+    if estimator not in LIKELIHOOD_ESTIMATORS:
+        raise ValueError(f"likelihood_estimator must be one of {LIKELIHOOD_ESTIMATORS}, got {estimator!r}")
+    rows, width = input_ids.shape
+    prompt_width = width - completion_length
+    device = input_ids.device
+    completion_mask = attention_mask[:, prompt_width:].bool()
+    maskable = torch.zeros(rows, width, dtype=torch.bool, device=device)
+    maskable[:, prompt_width:] = completion_mask
+    if estimator == "d1":
+        noise_levels, weights = [1.0], [1.0]
+        masked = [maskable]
+    else:
+        if mask_seeds is None or len(mask_seeds) != rows:
+            raise ValueError(f"the elbo estimator needs one mask seed per row ({rows}), got "
+                             f"{None if mask_seeds is None else len(mask_seeds)}")
+        noise_levels, weights = quadrature_nodes(num_nodes)
+        uniforms = seeded_uniforms(mask_seeds, num_nodes, completion_length, device=device)
+        masked = []
+        for node, t in enumerate(noise_levels):
+            node_uniforms = uniforms[:, node]
+            if antithetic and node % 2:
+                # Odd nodes reuse the previous node's numbers mirrored: each node's masks keep their distribution
+                # (every token masked independently with probability t), but with 2 nodes every token is masked
+                # at exactly one node when t1 + t2 = 1 — half the variance at block size 1.
+                node_uniforms = 1.0 - uniforms[:, node - 1]
+            node_masked = torch.zeros_like(maskable)
+            node_masked[:, prompt_width:] = draw_independent_masks(completion_mask, t, node_uniforms)
+            masked.append(node_masked)
+
+    # All nodes in one forward: the batch repeated once per node, each copy with its own masks and noise level.
+    copies = len(noise_levels)
+    # Each row's blocks end where its prompt ends, as generate() laid them out (logical positions skip padding).
+    block_offset = (-attention_mask[:, :prompt_width].sum(-1)) % block_size
+    grid_blocks = num_grid_blocks(width, block_size)
+    node_levels = torch.tensor(noise_levels, dtype=torch.float32, device=device)
+    noised = lay_out_noised_batch(
+        input_ids.repeat(copies, 1), torch.cat(masked), node_levels.repeat_interleave(rows)[:, None].expand(
+            copies * rows, grid_blocks),
+        mask_token_id=mask_token_id, block_size=block_size, attention_mask=attention_mask.repeat(copies, 1),
+        block_offset=block_offset.repeat(copies), weighting="elbo", attention="bd3",
+    )
+    # Only the completion's logits (and, with the shift, the prompt's last one, which scores the first token).
+    keep = completion_length + (1 if shift_logits else 0)
+    logits = model(**noised.model_inputs(), logits_to_keep=keep).logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    window = _last_columns(noised, keep)
+    scored = masked_token_log_likelihoods(logits, window, shift_logits, compute_entropy=compute_entropy)
+    per_position, entropies = scored if compute_entropy else (scored, None)
+    node_weights = torch.tensor(weights, dtype=torch.float32, device=device).view(copies, 1, 1)
+    per_position = per_position[:, -completion_length:].reshape(copies, rows, completion_length)
+    contributions = (per_position * node_weights).sum(0)
+    if not compute_entropy:
+        return contributions
+    node_masked = window.masked[:, -completion_length:].reshape(copies, rows, completion_length).float()
+    entropies = entropies[:, -completion_length:].reshape(copies, rows, completion_length)
+    entropy = (entropies * node_masked).sum(0) / node_masked.sum(0).clamp(min=1.0)
+    return contributions, entropy.detach()
+
+
+def _last_columns(noised, count: int):
+    """The noised batch's per-token fields cut to their last `count` columns (the positions whose logits exist)."""
+    from dataclasses import replace
+
+    return replace(noised, targets=noised.targets[:, -count:], masked=noised.masked[:, -count:],
+                   weights=noised.weights[:, -count:])
+
+
+@dataclass
+class DiffusionGRPOConfig(GRPOConfig):
+    """`trl.GRPOConfig` plus block-diffusion rollouts and the likelihood estimator.
+
+    Defaults that differ from TRL's: `importance_sampling_level="sequence"` (the estimate is a sequence-level
+    quantity) and `loss_type="grpo"` (the per-sequence objective GSPO uses).
+    """
+
+    block_size: int | None = field(default=None, metadata={"help": "Decode and scoring block (default: the model's "
+                                                                   "config.block_size)."})
+    threshold: float = field(default=0.9, metadata={"help": "Confidence threshold tau of parallel decoding, (0, 1]."})
+    likelihood_estimator: str = field(default="elbo", metadata={"help": f"One of {LIKELIHOOD_ESTIMATORS}."})
+    quadrature_nodes: int = field(default=2, metadata={"help": "Gauss-Legendre nodes over t (elbo estimator)."})
+    antithetic_masks: bool = field(
+        default=True, metadata={"help": "Mirror the mask draws of paired nodes (u -> 1 - u): same distribution per "
+                                        "node, half the estimator's variance at block size 1 (elbo estimator)."}
+    )
+    importance_sampling_level: str = field(default="sequence", metadata={"help": "'sequence' (or 'token' with d1)."})
+    loss_type: str = field(default="grpo", metadata={"help": "TRL loss type."})
+
+    def __post_init__(self):
+        if isinstance(self.num_generations, bool) or not isinstance(self.num_generations, int) \
+                or self.num_generations < 2:
+            raise ValueError(f"num_generations must be an integer >= 2 (GRPO compares the completions of one "
+                             f"prompt), got {self.num_generations!r}")
+        if self.block_size is not None and (
+            isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1
+        ):
+            raise ValueError(f"block_size must be an integer >= 1 or None, got {self.block_size!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
+        if self.likelihood_estimator not in LIKELIHOOD_ESTIMATORS:
+            raise ValueError(f"likelihood_estimator must be one of {LIKELIHOOD_ESTIMATORS}, "
+                             f"got {self.likelihood_estimator!r}")
+        quadrature_nodes(self.quadrature_nodes)
+        if self.importance_sampling_level == "token" and self.likelihood_estimator == "elbo":
+            raise ValueError("importance_sampling_level must be 'sequence' with likelihood_estimator='elbo': its "
+                             "per-position terms are parts of one sequence estimate, not token log-probabilities "
+                             "('token' is allowed with 'd1')")
+        if self.use_vllm:
+            raise ValueError("use_vllm must be False: vLLM cannot decode block-diffusion models; rollouts use the "
+                             "model's own generate()")
+        if self.use_transformers_continuous_batching or self.use_transformers_paged:
+            raise ValueError("use_transformers_continuous_batching must be False: it decodes autoregressively")
+        if self.use_liger_kernel:
+            raise ValueError("use_liger_kernel must be False: Liger's fused linear cross-entropy scores next tokens, "
+                             "and this trainer scores masked tokens in place")
+        if self.repetition_penalty != 1.0 or self.min_p is not None:
+            raise ValueError("repetition_penalty must be 1.0 and min_p None: diffusion decoding does not apply them "
+                             "(use temperature, top_p, top_k)")
+        if self.top_entropy_quantile != 1.0:
+            raise ValueError("top_entropy_quantile must be 1.0: it selects tokens by entropy, and the ratio here is "
+                             "per sequence")
+        super().__post_init__()
+
+
+class DiffusionGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` for `EfficientDlmForMaskedDiffusion` models (see the module docstring).
+
+    Takes `GRPOTrainer`'s arguments; `args` must be a `DiffusionGRPOConfig`. Reward functions have TRL's signature
+    (`f(prompts, completions, completion_ids, **dataset_columns) -> list[float | None]`); one that returns the
+    wrong number of rewards, or NaN/inf, is an error (None still means "not applicable", as in TRL).
+    """
+
+    def __init__(self, model, reward_funcs=None, args: DiffusionGRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None, tools=None, rollout_func=None,
+                 environment_factory=None):
+        if args is None:
+            args = DiffusionGRPOConfig(output_dir="diffusion_grpo_output")
+        if not isinstance(args, DiffusionGRPOConfig):
+            raise TypeError(f"args must be a DiffusionGRPOConfig, got {type(args).__name__}")
+        if tools or rollout_func is not None or environment_factory is not None:
+            raise ValueError("tools, rollout_func and environment_factory are not supported: rollouts are single "
+                             "turns of the model's diffusion generate()")
+        if isinstance(model, str):
+            from ..modeling_efficient_dlm import EfficientDlmForMaskedDiffusion
+
+            model = EfficientDlmForMaskedDiffusion.from_pretrained(model, **(args.model_init_kwargs or {}))
+        config = getattr(model, "config", None)
+        if getattr(config, "mask_token_id", None) is None or not hasattr(config, "shift_logits"):
+            raise ValueError("model must be an Efficient-DLM diffusion model with a mask_token_id in its config "
+                             "(convert the AR model first: efficient_dlm.conversion.convert)")
+        self.mask_token_id = int(config.mask_token_id)
+        self.shift_logits = bool(config.shift_logits)
+        self.block_size = args.block_size or int(config.block_size)
+        self.likelihood_estimator = args.likelihood_estimator
+        self.num_quadrature_nodes = args.quadrature_nodes
+        self.antithetic_masks = bool(args.antithetic_masks)
+        reward_funcs = [_checked_reward(f) for f in (reward_funcs if isinstance(reward_funcs, list)
+                                                     else [] if reward_funcs is None else [reward_funcs])]
+        self._mask_seeds = None  # seeds of the rows being scored (set before every estimator call)
+        self._mask_seed_generator = torch.Generator().manual_seed(args.seed)
+        super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         reward_processing_classes=reward_processing_classes, callbacks=callbacks,
+                         optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
+        for patched in (self.model, self.ref_model):
+            _remove_fused_lm_head(patched)
+
+    # -- rollouts --------------------------------------------------------------------------------------------------
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """Decode the (already repeated) prompts with the model's diffusion generate(); completions cut after EOS."""
+        device = self.accelerator.device
+        width = max(len(ids) for ids in prompt_ids)
+        pad_id = self._tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in prompt_ids], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids],
+                                      device=device)
+        sampling = {}
+        if self.temperature and self.temperature > 0:
+            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+                        "top_k": self.top_k or None}
+        mode = "train" if self.model.training else "eval"
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            output = unwrapped_model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_completion_length,
+                block_size=self.block_size, threshold=self.args.threshold, eos_token_id=list(self.eos_token_ids),
+                pad_token_id=pad_id, return_dict_in_generate=True, **sampling,
+            )
+        self._metrics[mode]["diffusion/tokens_per_forward"].append(float(output.tokens_per_forward))
+        self._metrics[mode]["diffusion/nfe"].append(float(output.nfe))
+        eos = set(self.eos_token_ids)
+        completions = []
+        for row in output.sequences[:, width:].tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+            completions.append(row[:end])
+        return completions, None
+
+    def _generate_and_score_completions(self, inputs):
+        # Every rollout gets a mask seed before TRL scores it (old / reference policy, inside super()); the seed
+        # travels with the row through TRL's shuffle and split, and `_compute_loss` scores the new policy with it.
+        seeds = torch.randint(0, 2**62, (len(inputs),), generator=self._mask_seed_generator)
+        self._mask_seeds = seeds
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._mask_seeds = None
+        output["mask_seeds"] = seeds.to(output["completion_ids"].device)
+        return output
+
+    # -- the likelihood ----------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        self._mask_seeds = inputs["mask_seeds"]
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._mask_seeds = None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """The sequence estimate's per-position contributions in TRL's per-token slot (see the module docstring)."""
+        if any(value is not None for value in multimodal.values()):
+            raise ValueError("multimodal inputs are not supported by the diffusion GRPO trainer")
+        if compute_aux_loss:
+            raise ValueError("the MoE auxiliary loss is not supported by the diffusion GRPO trainer")
+        seeds = self._mask_seeds
+        if seeds is None and self.likelihood_estimator == "elbo":
+            raise RuntimeError("no mask seeds for the rows being scored: the elbo estimator is called from "
+                               "_generate_and_score_completions or _compute_loss only")
+        batch_size = batch_size or input_ids.shape[0]
+        all_logps, all_entropies = [], []
+        for start in range(0, input_ids.shape[0], batch_size):
+            end = start + batch_size
+            with self.accelerator.autocast():
+                result = sequence_log_likelihood(
+                    model, input_ids[start:end], attention_mask[start:end], logits_to_keep,
+                    mask_token_id=self.mask_token_id, block_size=self.block_size,
+                    estimator=self.likelihood_estimator, num_nodes=self.num_quadrature_nodes,
+                    mask_seeds=None if seeds is None else seeds[start:end], antithetic=self.antithetic_masks,
+                    temperature=self.temperature or 1.0,
+                    shift_logits=self.shift_logits, compute_entropy=compute_entropy,
+                )
+            logps, entropies = result if compute_entropy else (result, None)
+            all_logps.append(logps)
+            all_entropies.append(entropies)
+        logps = torch.cat(all_logps)
+        return logps, (torch.cat(all_entropies) if compute_entropy else None), None
+
+
+def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
+    """Token ids of TRL prompts, as `GRPOTrainer` makes them: chat prompts through the chat template with the
+    generation prompt, plain text through the tokenizer."""
+    if prompts and isinstance(prompts[0], list):
+        encoded = tokenizer.apply_chat_template(conversation=prompts, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)
+        return [list(ids) for ids in encoded["input_ids"]]
+    return [list(ids) for ids in tokenizer(text=prompts)["input_ids"]]
+
+
+@torch.no_grad()
+def evaluate_on_task(model, tokenizer, task, rows, *, max_new_tokens: int, block_size: int | None = None,
+                     threshold: float = 0.9, batch_size: int = 64) -> dict:
+    """Greedy diffusion decoding of task rows (`task.make_rows`): accuracy, mean reward, tokens per forward."""
+    model_was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    completions, forwards, tokens = [], 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        prompt_ids = encode_prompts(tokenizer, [row["prompt"] for row in chunk])
+        width = max(len(ids) for ids in prompt_ids)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
+        attention_mask = (torch.arange(width, device=device)[None, :]
+                          >= torch.tensor([width - len(ids) for ids in prompt_ids], device=device)[:, None]).long()
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                block_size=block_size, threshold=threshold, eos_token_id=eos, pad_token_id=pad,
+                                return_dict_in_generate=True)
+        generated = [row[: next((i + 1 for i, t in enumerate(row) if t == eos), len(row))]
+                     for row in output.sequences[:, width:].tolist()]
+        tokens += sum(len(row) for row in generated)
+        forwards += sum(len(row) for row in generated) / output.tokens_per_forward
+        completions += tokenizer.batch_decode(generated, skip_special_tokens=True)
+    model.train(model_was_training)
+    problems = [row["problem"] for row in rows]
+    rewards = task.reward(completions=completions, problem=problems)
+    return {"accuracy": task.accuracy(completions, problems), "mean_reward": sum(rewards) / len(rewards),
+            "tokens_per_forward": tokens / forwards if forwards else 0.0, "examples": completions[:4]}
+
+
+def _remove_fused_lm_head(model) -> None:
+    """Undo `trl.trainer.utils.add_fused_lm_head`: it replaces the instance's `forward` with a next-token kernel."""
+    if model is None:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "forward" in vars(base):
+        del base.forward
+
+
+def _checked_reward(reward_func):
+    """A reward callable that fails loudly on a wrong count or a NaN/inf reward, keeping the name TRL logs it by."""
+    if not callable(reward_func) or isinstance(reward_func, torch.nn.Module) or isinstance(reward_func, str):
+        return reward_func
+
+    name = getattr(reward_func, "__name__", type(reward_func).__name__)
+
+    def check(rewards, completions):
+        if not hasattr(rewards, "__len__") or len(rewards) != len(completions):
+            count = len(rewards) if hasattr(rewards, "__len__") else type(rewards).__name__
+            raise ValueError(f"reward function {name!r} returned {count} rewards for {len(completions)} "
+                             f"completions: it must return one float (or None) per completion")
+        for index, value in enumerate(rewards):
+            if value is None:
+                continue
+            if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+                raise ValueError(f"reward function {name!r} returned {value!r} for completion {index}: rewards "
+                                 f"must be finite floats (or None for 'not applicable')")
+        return rewards
+
+    if inspect.iscoroutinefunction(reward_func) or inspect.iscoroutinefunction(
+            getattr(reward_func, "__call__", None)):
+        async def checked(*args, completions=None, **kwargs):
+            return check(list(await reward_func(*args, completions=completions, **kwargs)), completions)
+    else:
+        def checked(*args, completions=None, **kwargs):
+            rewards = reward_func(*args, completions=completions, **kwargs)
+            return check(_as_list(rewards), completions)
+    functools.update_wrapper(checked, reward_func, assigned=("__module__", "__qualname__", "__doc__"), updated=())
+    checked.__name__ = name
+    return checked
+
+
+def _as_list(rewards):
+    if isinstance(rewards, torch.Tensor):
+        return rewards.tolist()
+    if isinstance(rewards, np.ndarray):
+        return rewards.tolist()
+    return rewards
+
+
+__all__ = [
+    "LIKELIHOOD_ESTIMATORS",
+    "SUPPORTED_TRL",
+    "DiffusionGRPOConfig",
+    "DiffusionGRPOTrainer",
+    "encode_prompts",
+    "evaluate_on_task",
+    "quadrature_nodes",
+    "sequence_log_likelihood",
+]
