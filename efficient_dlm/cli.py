@@ -215,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(Efficient-DLM recipe), SFT it, or train a LoRA adapter")
     add_train_arguments(train)
     train.set_defaults(func=run_train)
+    from .training.rl_cli import add_rl_arguments, run_rl
+
+    rl = commands.add_parser("rl", help="RL fine-tuning (diffusion GRPO) of a checkpoint on a verifiable task")
+    add_rl_arguments(rl)
+    rl.set_defaults(func=run_rl)
     from .hub import add_upload_arguments, run_upload
 
     bench = commands.add_parser("bench", help="dLM vs compiled AR generate: tok/s, TPF, ms per step, weight-read floor")
