@@ -169,6 +169,11 @@ def load_ar_model(source: BaseSource, dtype: torch.dtype):
         folder, name = os.path.split(source.location)
         tokenizer = AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder or ".", gguf_file=name, dtype=dtype)
+        eos_id = model.config.eos_token_id
+        if isinstance(eos_id, int) and tokenizer.eos_token_id != eos_id:
+            # transformers 5.17 reads SmolLM2's GGUF tokenizer with <|im_start|> as its EOS; the GGUF metadata,
+            # which the model config carries, says <|im_end|> (newer transformers agree). The model config wins.
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
     else:
         config = AutoConfig.from_pretrained(source.location)
         check_base_model_type(config.model_type, f"{source.description}")
