@@ -16,9 +16,9 @@ mkdir -p "$WORK"
 common="--sft --lora --shift-logits --seq-len 384 --batch-size 32 --warmup-steps 0.05 --complementary --bf16"
 declare -A VARIANTS=(
   [b8-r8-elbo]="--block-size 8 --lora-r 8 --lr 2e-4 --max-steps 300 --weighting elbo"
-  [b8-r12-none]="--block-size 8 --lora-r 12 --lr 5e-4 --max-steps 600 --weighting none"
-  [b8-r12-elbo]="--block-size 8 --lora-r 12 --lr 5e-4 --max-steps 600 --weighting elbo"
-  [b4-r12-none]="--block-size 4 --lora-r 12 --lr 5e-4 --max-steps 600 --weighting none"
+  [b8-r12-none]="--block-size 8 --lora-r 12 --lr 5e-4 --max-steps 500 --weighting none"
+  [b8-r12-elbo]="--block-size 8 --lora-r 12 --lr 5e-4 --max-steps 500 --weighting elbo"
+  [b4-r12-none]="--block-size 4 --lora-r 12 --lr 5e-4 --max-steps 500 --weighting none"
 )
 
 train_and_evaluate() {
