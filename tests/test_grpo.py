@@ -254,6 +254,20 @@ def test_lora_rl_saves_an_adapter_that_reloads_onto_the_base_with_the_same_outpu
     assert (expected - untouched).abs().max() > 1e-4  # the adapter learned something
 
 
+def test_a_kl_penalty_scores_the_adapter_free_reference_with_the_same_estimator(tmp_path):
+    def length_reward(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    trainer = DiffusionGRPOTrainer(tiny_task_model(), reward_funcs=length_reward,
+                                   args=grpo_config(tmp_path, max_steps=2, beta=0.04, learning_rate=5e-2),
+                                   train_dataset=get_task("addition", digits=1).make_dataset(64),
+                                   processing_class=character_tokenizer(), peft_config=lora_config(r=4))
+    trainer.train()
+    kl = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
+    # Before the first update policy and reference agree on the same masks; after it, they differ.
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 1e-4
+
+
 def test_trl_methods_we_override_keep_their_signatures():
     """Fails loudly when a TRL release changes what this trainer overrides: update grpo.py, then this pin."""
     assert Version(trl.__version__) in __import__("packaging.specifiers").specifiers.SpecifierSet(SUPPORTED_TRL)

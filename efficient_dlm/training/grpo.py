@@ -223,6 +223,9 @@ class DiffusionGRPOTrainer(GRPOTrainer):
     Takes `GRPOTrainer`'s arguments; `args` must be a `DiffusionGRPOConfig`. Reward functions have TRL's signature
     (`f(prompts, completions, completion_ids, **dataset_columns) -> list[float | None]`); one that returns the
     wrong number of rewards, or NaN/inf, is an error (None still means "not applicable", as in TRL).
+
+    A KL penalty (`beta > 0`) scores the reference policy with the same estimator and masks; with `peft_config` the
+    reference is the base with the adapter disabled, otherwise TRL loads it again from the model's folder.
     """
 
     def __init__(self, model, reward_funcs=None, args: DiffusionGRPOConfig | None = None, train_dataset=None,
@@ -253,7 +256,8 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         reward_funcs = [_checked_reward(f) for f in (reward_funcs if isinstance(reward_funcs, list)
                                                      else [] if reward_funcs is None else [reward_funcs])]
         self._mask_seeds = None  # seeds of the rows being scored (set before every estimator call)
-        self._mask_seed_generator = torch.Generator().manual_seed(args.seed)
+        # Per process, so that data-parallel ranks do not draw the same masks for their different rollouts.
+        self._mask_seed_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + args.process_index)
         super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          reward_processing_classes=reward_processing_classes, callbacks=callbacks,
