@@ -701,8 +701,10 @@ def _run_layer(layer, hidden_states, position_embeddings, mask, layer_kv):
 
 
 _COMPILED_LAYER = []  # torch.compile(_run_layer), made on first use (compiled code is cached per code object anyway)
-# Options for that torch.compile call (tests may pick another backend). dynamic=False: the two step shapes are few
-# and fixed; specialised code is what the CUDA graph wants.
+# Options for that torch.compile call. dynamic=False: the two step shapes are few
+# and fixed; specialised code is what the CUDA graph wants. Each (batch, step shape, kernel setting, dtype, width)
+# is one entry of dynamo's cache for `_run_layer`; past `torch._dynamo.config.recompile_limit` (8) new shapes run the
+# layer uncompiled (same tokens, slower), so a process serving many shapes should raise that limit.
 COMPILE_OPTIONS = {"dynamic": False}
 
 

@@ -1,5 +1,6 @@
 """CUDA-only checks (run on a GPU machine with `make test-gpu` or `pytest -m gpu`): compiled flex_attention against
-SDPA for every pattern, forward and backward, and a converted Qwen3-0.6B-shaped model against its AR parent."""
+SDPA for every pattern, forward and backward, a converted Qwen3-0.6B-shaped model against its AR parent, and the
+static CUDA-graph decoding path (with the Triton kernels and compiled layers) against the eager reference."""
 
 import time
 
@@ -99,11 +100,16 @@ def test_converted_qwen3_0_6b_shape_matches_its_parent_and_times_a_block_forward
     print(f"eager forward of 288 tokens, block_causal(32), bf16: {(time.perf_counter() - started) / 10 * 1e3:.1f} ms")
 
 
+@pytest.mark.parametrize("options", [{"kernels": "none"}, {"kernels": "all"}, {"compile": True, "kernels": "all"}],
+                         ids=["graphs", "graphs+kernels", "graphs+compile+kernels"])
 @pytest.mark.parametrize("shift_logits", [False, True])
-def test_cuda_graph_static_path_matches_the_eager_reference(shift_logits):
+def test_cuda_graph_static_path_matches_the_eager_reference(shift_logits, options):
+    """fp32: static cache + CUDA graphs (+ Triton kernels, + compiled layers) give the eager tokens, single and batched
+    with ragged left padding; a second call replays the kept graphs (no capture) and gives the same tokens."""
     from transformers import Qwen3ForCausalLM
 
     from efficient_dlm.conversion import dlm_from_ar_model
+    from efficient_dlm.generation_efficient_dlm import _STATIC_STATES
 
     torch.manual_seed(0)
     parent = Qwen3ForCausalLM(qwen3_0_6b_config(num_hidden_layers=4)).to("cuda", torch.float32).eval()
@@ -114,8 +120,14 @@ def test_cuda_graph_static_path_matches_the_eager_reference(shift_logits):
         kwargs = dict(attention_mask=mask, max_new_tokens=96, threshold=0.05, eos_token_id=[],
                       return_dict_in_generate=True)
         eager = dlm.generate(ids, cache_implementation="dynamic", **kwargs)
-        graphed = dlm.generate(ids, cache_implementation="static", **kwargs)
+        graphed = dlm.generate(ids, cache_implementation="static", **options, **kwargs)
         assert torch.equal(eager.sequences, graphed.sequences), lengths
         assert eager.nfe == graphed.nfe
+        assert "+graphs" in graphed.decode_path
+        assert ("+kernels" in graphed.decode_path) == (options["kernels"] == "all")
+        graphs = {id(g) for state in _STATIC_STATES[dlm].values() for g, _ in state.graphs.values()}
+        again = dlm.generate(ids, cache_implementation="static", **options, **kwargs)
+        assert torch.equal(again.sequences, eager.sequences)
+        assert {id(g) for state in _STATIC_STATES[dlm].values() for g, _ in state.graphs.values()} == graphs
         print(f"\nshift={shift_logits} batch {len(lengths)}: NFE {eager.nfe}, tokens per forward "
-              f"{eager.tokens_per_forward:.2f}, static+graphs equal to eager")
+              f"{eager.tokens_per_forward:.2f}, {graphed.decode_path} equal to eager")
