@@ -5,6 +5,7 @@ tokens; JSON + PNG under --out, the table printed last. The logic is `efficient_
 `efficient-dlm bench`); see its docstring for the definitions.
 
     python benchmarks/bench.py --out DIR [--models qwen3-0.6b,...] [--batches 1,8,32] [--time-budget-s 480]
+        [--gguf SmolLM2-135M-Instruct.Q4_1.gguf] [--variants off:auto,on:none]
 """
 
 import os

@@ -122,3 +122,32 @@ def test_script_help_runs():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--help"],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0 and "--time-budget-s" in result.stdout
+
+
+def test_static_compiled_rows_and_variants(tmp_path):
+    """The static path with compiled layers on the CPU (no graphs there), plus an extra variant row at batch 1:
+    each row names its variant and the decode path generate reports; the prefill (eager in every variant) is
+    subtracted from each variant's step time."""
+    out = tmp_path / "out"
+    code = benchmark.run_bench(_args(["--out", str(out), "--batches", "1,2", "--tokens-per-step", "2",
+                                      "--thresholds", "", "--dlm-cache", "static", "--dlm-compile", "on",
+                                      "--kernels", "none", "--variants", "off:none", "--variant-batches", "1",
+                                      "--variant-models", "tiny-qwen3", "--ar-cache", "dynamic", "--no-plot", *TINY]))
+    assert code == 0
+    record = json.loads((out / "bench.json").read_text())
+    assert record["settings"]["dlm_compile"] == "on" and record["settings"]["variants"] == "off:none"
+    rows = {(r["model"], r["batch"], r["variant"]): r for r in record["rows"]}
+    assert set(rows) == {("tiny-qwen3", 1, "compile+kernels=none"), ("tiny-qwen3", 1, "nocompile+kernels=none"),
+                         ("tiny-llama", 1, "compile+kernels=none"), ("tiny-qwen3", 2, "compile+kernels=none"),
+                         ("tiny-llama", 2, "compile+kernels=none")}
+    for (_, _, variant), row in rows.items():
+        assert not row.get("error") and not row.get("dlm_static_error"), row
+        assert row["dlm_path"] == ("static+compile" if variant.startswith("compile") else "static")
+        assert row["dlm_prefill_ms"] is not None and row["step_ms"] > 0 and row["nfe"] == 4
+        assert row["weights"] == "random"
+
+
+def test_variant_specs_are_checked():
+    assert benchmark._parse_variant("on:all") == {"compile": True, "kernels": "all"}
+    with pytest.raises(ValueError, match="COMPILE:KERNELS"):
+        benchmark._parse_variant("yes")

@@ -6,7 +6,10 @@ For each model shape (random weights: speed does not depend on them) and batch s
   the decoding step on CUDA), greedy, exactly `--new-tokens` new tokens: `ar_tok_s`, `ar_step_ms`;
 * the converted diffusion model (same weights) with a fixed number of tokens committed per step (`steps=K`, so
   TPF = K whatever the weights) and with each confidence threshold tau (TPF as the random weights give it, ~1):
-  `dlm_tok_s`, `tpf`, `nfe`, `step_ms`;
+  `dlm_tok_s`, `tpf`, `nfe`, `step_ms`. On CUDA through the static path (CUDA graphs) with compiled decoder layers
+  and the Triton kernels (`--dlm-compile`, `--kernels`); `--variants` adds rows with other settings (e.g. without
+  compilation, without kernels) at the given batches and models, K rules only;
+* `--gguf FILE`: the smollm2-135m rows use that GGUF's real weights (the converted SmolLM2-135M-Instruct);
 * the weight-read floor of one forward from a device-to-device copy bandwidth measured in the same run (and a
   compute floor from a measured bf16 matrix-product rate).
 
@@ -25,7 +28,8 @@ Work runs batch-major (every model at the first batch size, then the next) and s
 time budget would be exceeded (those rows are written with `skipped`). The JSON is rewritten after every row, so an
 interrupted run still leaves its rows; the table is printed last.
 
-    python benchmarks/bench.py --out DIR [--models ...] [--batches 1,8,32] [--time-budget-s 480]
+    python benchmarks/bench.py --out DIR [--models ...] [--batches 1,8,32] [--time-budget-s 480] [--gguf FILE]
+        [--variants off:auto,on:none]
 """
 
 import argparse
@@ -113,11 +117,26 @@ class _default_dtype:
         torch.set_default_dtype(self.saved)
 
 
-def build_models(shape: ModelShape, *, block_size: int, dtype: torch.dtype, device: torch.device, seed: int):
-    """(AR parent, converted dLM, mask token id): random weights, built on `device` in `dtype`, the same weights."""
+def build_models(shape: ModelShape, *, block_size: int, dtype: torch.dtype, device: torch.device, seed: int,
+                 gguf: str | None = None):
+    """(AR parent, converted dLM, mask token id): random weights (or, with `gguf`, the weights of that GGUF file, as
+    `efficient-dlm convert` would take them), built on `device` in `dtype`, the same weights for both."""
     from transformers import LlamaForCausalLM, Qwen3ForCausalLM
 
     from ..conversion import dlm_from_ar_model
+
+    if gguf is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, name = os.path.split(gguf)
+        tokenizer = AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
+        ar = AutoModelForCausalLM.from_pretrained(folder or ".", gguf_file=name, dtype=dtype).to(device).eval()
+        mask_token_id = tokenizer.convert_tokens_to_ids("<empty_output>")  # SmolLM2's unused special token
+        dlm = dlm_from_ar_model(ar, block_size=block_size, shift_logits=shape.shift_logits,
+                                mask_token_id=mask_token_id).to(device).eval()
+        if ar.generation_config.pad_token_id is None:
+            ar.generation_config.pad_token_id = tokenizer.eos_token_id
+        return ar, dlm, mask_token_id
 
     config = ar_config(shape, dtype)
     cls = Qwen3ForCausalLM if shape.family == "qwen3" else LlamaForCausalLM
@@ -280,14 +299,16 @@ def _output_path(output, asked_static: bool, device) -> str:
     return "static(asked)" if asked_static and device.type == "cuda" else "eager"
 
 
-def dlm_generate(dlm, input_ids, attention_mask, device, static: bool, **kwargs):
-    """One timed `generate`; with `static`, ask for the static-cache/CUDA-graph path and fall back to the eager one if
-    that is refused or fails. Returns (output, seconds, dlm_path, static_error)."""
+def dlm_generate(dlm, input_ids, attention_mask, device, static: bool, static_options=None, **kwargs):
+    """One timed `generate`; with `static`, ask for the static-cache/CUDA-graph path (with `static_options`, e.g.
+    compile and kernels) and fall back to the eager one if that is refused or fails. Returns (output, seconds,
+    dlm_path, static_error)."""
     base = dict(eos_token_id=[], return_dict_in_generate=True, **kwargs)
     if static:
         try:
             output, seconds = _timed(
-                lambda: dlm.generate(input_ids, attention_mask=attention_mask, cache_implementation="static", **base),
+                lambda: dlm.generate(input_ids, attention_mask=attention_mask, cache_implementation="static",
+                                     **(static_options or {}), **base),
                 device,
             )
             return output, seconds, _output_path(output, True, device), None
@@ -304,22 +325,25 @@ def dlm_generate(dlm, input_ids, attention_mask, device, static: bool, **kwargs)
 
 
 def run_dlm(dlm, input_ids, attention_mask, args, device, *, steps=None, threshold=None, static: bool,
-            prefill_s: dict | None = None) -> dict:
-    """Warm-up and timed `generate` of one rule; `prefill_s` maps a decode path to its one-forward time."""
+            prefill_s: dict | None = None, static_options=None) -> dict:
+    """Warm-up and timed `generate` of one rule; `prefill_s` maps a decode path's base ("static", "eager") to its
+    one-forward time (the prefill runs the same way whatever the options of the repeating steps)."""
     batch, new = input_ids.shape[0], args.new_tokens
     rule = dict(steps=steps) if steps is not None else dict(threshold=threshold)
     kwargs = dict(max_new_tokens=new, block_size=args.block_size, **rule)
-    # Warm-up (graph capture, autotuning); a static path that failed there is not tried again for the timed call.
-    _, _, _, warmup_error = dlm_generate(dlm, input_ids, attention_mask, device, static, **kwargs)
+    # Warm-up (compilation, graph capture; later calls of these shapes reuse both); a static path that failed there
+    # is not tried again for the timed call.
+    _, first_call_s, _, warmup_error = dlm_generate(dlm, input_ids, attention_mask, device, static, static_options,
+                                                    **kwargs)
     output, seconds, path, static_error = dlm_generate(dlm, input_ids, attention_mask, device,
-                                                       static and warmup_error is None, **kwargs)
+                                                       static and warmup_error is None, static_options, **kwargs)
     if warmup_error is not None:
         path, static_error = "eager (static failed)", warmup_error
     generated = output.sequences.shape[1] - input_ids.shape[1]
     if generated != new:
         raise RuntimeError(f"dLM generate produced {generated} new tokens, expected {new}")
     nfe = int(output.nfe)
-    prefill = (prefill_s or {}).get(path)
+    prefill = (prefill_s or {}).get(_path_base(path))
     if prefill is not None and nfe > 1 and seconds > prefill:
         step = (seconds - prefill) / (nfe - 1)
     else:  # no prefill time for this path (or timing noise beyond it): the mean over every forward
@@ -327,6 +351,7 @@ def run_dlm(dlm, input_ids, attention_mask, args, device, *, steps=None, thresho
     return dict(
         dlm_path=path,
         dlm_static_error=static_error,
+        dlm_first_call_s=first_call_s,
         dlm_seconds=seconds,
         dlm_prefill_ms=None if prefill is None else prefill * 1e3,
         dlm_tok_s=batch * new / seconds,
@@ -337,16 +362,20 @@ def run_dlm(dlm, input_ids, attention_mask, args, device, *, steps=None, thresho
     )
 
 
-def measure_dlm_prefill(dlm, input_ids, attention_mask, args, device, static: bool) -> dict:
-    """Seconds of a one-forward generate (the prompt + the first masked block), per decode path that ran."""
+def _path_base(path: str) -> str:
+    return path.split("+")[0]
+
+
+def measure_dlm_prefill(dlm, input_ids, attention_mask, args, device, static: bool, static_options=None) -> dict:
+    """Seconds of a one-forward generate (the prompt + the first masked block), per decode path base that ran."""
     kwargs = dict(max_new_tokens=args.block_size, block_size=args.block_size, steps=args.block_size)
-    _, _, _, warmup_error = dlm_generate(dlm, input_ids, attention_mask, device, static, **kwargs)
-    runs = [dlm_generate(dlm, input_ids, attention_mask, device, static and warmup_error is None, **kwargs)
-            for _ in range(3)]
+    _, _, _, warmup_error = dlm_generate(dlm, input_ids, attention_mask, device, static, static_options, **kwargs)
+    runs = [dlm_generate(dlm, input_ids, attention_mask, device, static and warmup_error is None, static_options,
+                         **kwargs) for _ in range(3)]
     output, path = runs[0][0], runs[0][2]
     if warmup_error is not None:
         path = "eager (static failed)"
-    return {path: statistics.median(run[1] for run in runs)} if int(output.nfe) == 1 else {}
+    return {_path_base(path): statistics.median(run[1] for run in runs)} if int(output.nfe) == 1 else {}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -377,6 +406,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--dlm-cache", default=None, choices=["static", "dynamic"],
                         help="dLM decode path: static (cache_implementation='static', CUDA graphs; default on CUDA) "
                         "or dynamic (the eager reference; default on CPU)")
+    parser.add_argument("--dlm-compile", default="on", choices=["on", "off"],
+                        help="static path: torch.compile the decoder layers of the repeating steps (generate(compile=))")
+    parser.add_argument("--kernels", default="auto",
+                        help="static path: Triton kernels for the repeating steps (generate(kernels=)): auto, none, all "
+                        "or names")
+    parser.add_argument("--variants", default="",
+                        help="extra dLM rows (fixed tokens per step only) with other static options, as a comma list "
+                        "of COMPILE:KERNELS, e.g. 'off:auto,on:none'; at --variant-batches for --variant-models")
+    parser.add_argument("--variant-batches", default="1")
+    parser.add_argument("--variant-models", default="qwen3-0.6b,qwen3-8b")
+    parser.add_argument("--gguf", default=None,
+                        help="smollm2-135m rows use this GGUF's real weights (the converted SmolLM2-135M-Instruct)")
     parser.add_argument("--ar-cache", default="static", choices=["static", "dynamic"],
                         help="AR generate cache (static: transformers compiles the decoding step on CUDA)")
     parser.add_argument("--ar-compile", default="auto", choices=["auto", "cudagraphs", "none"],
@@ -477,9 +518,19 @@ def run_bench(args) -> int:
         raise ValueError(f"unknown model shapes {unknown}; known: {', '.join(MODEL_SHAPES)}")
     batches = _ints(args.batches)
     ks, thresholds = _ints(args.tokens_per_step), _floats(args.thresholds)
-    configs = [("K", k) for k in ks] + [("tau", t) for t in thresholds]
-    if not configs:
+    main_options = {"compile": args.dlm_compile == "on", "kernels": args.kernels}
+    main = [(kind, value, _variant_name(main_options), main_options)
+            for kind, values in (("K", ks), ("tau", thresholds)) for value in values]
+    if not main:
         raise ValueError("nothing to run: give --tokens-per-step and/or --thresholds")
+    extra = [_parse_variant(spec) for spec in args.variants.split(",") if spec.strip()]
+    variant_batches, variant_models = _ints(args.variant_batches), set(args.variant_models.split(","))
+
+    def configs_for(name, batch):
+        """(rule kind, value, variant name, static options) to run for this model and batch, the main variant first."""
+        if batch not in variant_batches or name not in variant_models:
+            return main
+        return main + [("K", k, _variant_name(options), options) for options in extra for k in ks]
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "bench.json")
 
@@ -517,7 +568,9 @@ def run_bench(args) -> int:
         "settings": {
             "models": models, "batches": batches, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "block_size": args.block_size, "tokens_per_step": ks, "thresholds": thresholds, "dtype": args.dtype,
-            "dlm_cache": "static" if static else "dynamic", "ar_cache": args.ar_cache, "ar_compile": args.ar_compile,
+            "dlm_cache": "static" if static else "dynamic", "dlm_compile": args.dlm_compile, "kernels": args.kernels,
+            "variants": args.variants, "variant_batches": args.variant_batches, "variant_models": args.variant_models,
+            "gguf": args.gguf, "ar_cache": args.ar_cache, "ar_compile": args.ar_compile,
             "time_budget_s": args.time_budget_s, "seed": args.seed,
         },
         "definitions": (__doc__ or "Definitions Work runs").split("Definitions", 1)[1].split("Work runs", 1)[0].strip(),
@@ -530,14 +583,15 @@ def run_bench(args) -> int:
         with open(json_path, "w") as handle:
             json.dump(record, handle, indent=1)
 
-    def base_row(name, batch, kind, value):
+    def base_row(name, batch, kind, value, variant):
         return {"model": name, "batch": batch, "tokens_per_step": value if kind == "K" else None,
-                "threshold": value if kind == "tau" else None, "prompt_len": args.prompt_len,
+                "threshold": value if kind == "tau" else None, "variant": variant,
+                "weights": "gguf" if name == "smollm2-135m" and args.gguf else "random", "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens, "block_size": args.block_size}
 
     def skip_all(name, batch, reason):
-        for kind, value in configs:
-            rows.append({**base_row(name, batch, kind, value), "skipped": reason})
+        for kind, value, variant, _ in configs_for(name, batch):
+            rows.append({**base_row(name, batch, kind, value, variant), "skipped": reason})
         save()
 
     for batch in batches:
@@ -553,11 +607,13 @@ def run_bench(args) -> int:
                 started = time.perf_counter()
                 if on_cuda:
                     torch.cuda.reset_peak_memory_stats(device)
+                configs = configs_for(name, batch)
                 ar, dlm, mask_id = build_models(shape, block_size=args.block_size, dtype=dtype, device=device,
-                                                seed=args.seed)
+                                                seed=args.seed, gguf=args.gguf if name == "smollm2-135m" else None)
                 budget.record("build", name, time.perf_counter() - started)
                 generator = torch.Generator().manual_seed(args.seed + batch)
-                input_ids = torch.randint(2, mask_id, (batch, args.prompt_len), generator=generator).to(device)
+                input_ids = torch.randint(2, shape.vocab_size - 1, (batch, args.prompt_len), generator=generator)
+                input_ids = input_ids.masked_fill(input_ids == mask_id, 2).to(device)  # never the mask token
                 attention_mask = torch.ones_like(input_ids)
                 weight_bytes, read_params = read_bytes_per_forward(ar)
                 kv_token = kv_bytes_per_token(shape, dtype)
@@ -593,17 +649,17 @@ def run_bench(args) -> int:
                 prefill_s = {}
                 try:
                     started = time.perf_counter()
-                    prefill_s = measure_dlm_prefill(dlm, input_ids, attention_mask, args, device, static)
+                    prefill_s = measure_dlm_prefill(dlm, input_ids, attention_mask, args, device, static, main_options)
                     budget.record("dlm-prefill", name, time.perf_counter() - started)
                 except Exception as error:  # noqa: BLE001
                     _log(f"[bench] {label}: dLM prefill measurement failed: {type(error).__name__}: {error}")
 
-                for kind, value in configs:
-                    row = {**base_row(name, batch, kind, value), **common, **ar_result}
-                    stage = f"dlm-{kind}{value}"
+                for kind, value, variant, options in configs:
+                    row = {**base_row(name, batch, kind, value, variant), **common, **ar_result}
+                    stage = f"dlm-{kind}{value}-{variant}"
                     if not budget.fits(stage, name):
                         row["skipped"] = "time budget"
-                        _log(f"[bench] skip {label} {kind}={value}: time budget")
+                        _log(f"[bench] skip {label} {kind}={value} {variant}: time budget")
                         rows.append(row)
                         save()
                         continue
@@ -611,15 +667,16 @@ def run_bench(args) -> int:
                     try:
                         result = run_dlm(dlm, input_ids, attention_mask, args, device, static=static,
                                          steps=value if kind == "K" else None,
-                                         threshold=value if kind == "tau" else None, prefill_s=prefill_s)
+                                         threshold=value if kind == "tau" else None, prefill_s=prefill_s,
+                                         static_options=options)
                         row.update(result)
                         _derive(row)
-                        _log(f"[bench] {label} {kind}={value}: dLM {row['dlm_path']} {row['dlm_tok_s']:.1f} tok/s "
+                        _log(f"[bench] {label} {kind}={value} {variant}: dLM {row['dlm_path']} {row['dlm_tok_s']:.1f} tok/s "
                              f"TPF {row['tpf']:.2f} NFE {row['nfe']} step {row['step_ms']:.2f} ms "
                              f"(floor {row['floor_ms']:.2f}) speed-up {_fmt(row.get('speedup'), 2)}")
                     except Exception as error:  # noqa: BLE001
                         row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-                        _log(f"[bench] {label} {kind}={value}: dLM failed: {row['error']}")
+                        _log(f"[bench] {label} {kind}={value} {variant}: dLM failed: {row['error']}")
                         traceback.print_exc(limit=3)
                     budget.record(stage, name, time.perf_counter() - started)
                     rows.append(row)
@@ -631,11 +688,11 @@ def run_bench(args) -> int:
             except Exception as error:  # noqa: BLE001 - e.g. out of memory while building: record and go on
                 _log(f"[bench] {label} failed: {type(error).__name__}: {str(error)[:300]}")
                 traceback.print_exc(limit=3)
-                done = {(r["model"], r["batch"], r["tokens_per_step"], r["threshold"]) for r in rows}
-                for kind, value in configs:
-                    key = (name, batch, value if kind == "K" else None, value if kind == "tau" else None)
+                done = {(r["model"], r["batch"], r["tokens_per_step"], r["threshold"], r["variant"]) for r in rows}
+                for kind, value, variant, _ in configs_for(name, batch):
+                    key = (name, batch, value if kind == "K" else None, value if kind == "tau" else None, variant)
                     if key not in done:
-                        rows.append({**base_row(name, batch, kind, value),
+                        rows.append({**base_row(name, batch, kind, value, variant),
                                      "error": f"{type(error).__name__}: {str(error)[:300]}"})
                 save()
             finally:
@@ -652,6 +709,17 @@ def run_bench(args) -> int:
     _log(f"[bench] {len(rows)} rows -> {json_path} ({budget.elapsed():.0f}s)")
     print(format_table(record), flush=True)
     return 0
+
+
+def _variant_name(options: dict) -> str:
+    return f"{'compile' if options['compile'] else 'nocompile'}+kernels={options['kernels']}"
+
+
+def _parse_variant(spec: str) -> dict:
+    compile_flag, _, kernels = spec.strip().partition(":")
+    if compile_flag not in ("on", "off") or not kernels:
+        raise ValueError(f"--variants entries are COMPILE:KERNELS with COMPILE on or off, got {spec!r}")
+    return {"compile": compile_flag == "on", "kernels": kernels}
 
 
 def _derive(row: dict) -> None:
@@ -724,12 +792,14 @@ def plot_results(record: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in record["rows"] if not r.get("skipped")]
+    # The main variant only (every model and batch has it); the extra variants are in the table and the JSON.
+    main_variant = record["rows"][0].get("variant") if record["rows"] else None
+    rows = [r for r in record["rows"] if not r.get("skipped") and r.get("variant") == main_variant]
     models = list(dict.fromkeys(r["model"] for r in record["rows"]))
     if not models:
         raise ValueError("no rows to plot")
     fig, axes = plt.subplots(2, len(models), figsize=(3.6 * len(models), 6.6), squeeze=False)
-    rules = list(dict.fromkeys((r["tokens_per_step"], r["threshold"]) for r in record["rows"]))
+    rules = list(dict.fromkeys((r["tokens_per_step"], r["threshold"]) for r in rows))
     for col, model in enumerate(models):
         top, bottom = axes[0][col], axes[1][col]
         mine = [r for r in rows if r["model"] == model]
