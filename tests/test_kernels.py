@@ -155,6 +155,21 @@ def test_block_attention_head_dims_two_kv_heads(dtype, head_dim):
 
 
 @needs_triton
+@pytest.mark.parametrize("clean", [0, 32])
+def test_block_attention_smollm2_heads(clean):
+    """SmolLM2's layout: 9 query heads over 3 KV heads (a group of 3, not a power of two, so the packed rows of a
+    tile straddle heads), head dim 64, a 32-token block (64 with the previous block carried in front)."""
+    n = 32 + clean
+    key = ("smollm2", clean)
+    case = make_attention_case(dtype=torch.float32, batch=2, kv_heads=3, group=3, n=n, head_dim=64, cache_len=45,
+                               key=key)
+    k_cache, v_cache = poison_cache(case, 45, padding=True)
+    out = K.block_attention_triton(case["q"], k_cache, v_cache, case["k_blk"], case["v_blk"], 45,
+                                   pad_len=case["pad_len"], clean_prefix_len=clean)
+    assert_matches(out, reference64(case, 45, pad_len=case["pad_len"], clean_prefix_len=clean), torch.float32)
+
+
+@needs_triton
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
 def test_block_attention_cache_splits(num_splits):
     """Flash-decoding splits merge to the same result, including splits left empty by the padding or the split
