@@ -109,12 +109,22 @@ def test_compiled_static_path_gives_the_eager_tokens_and_compiles_once_per_step_
     assert counters["stats"]["unique_graphs"] == 2 * len(STATIC_CASES)
 
 
-def test_static_state_is_kept_per_shape_and_refilled_per_call():
-    """A second call with the same shapes reuses the kept buffers (the same cache tensors) and still gives the eager
-    tokens for a different prompt; another shape gets its own state; clearing frees them."""
+# Every tensor a captured step reads or writes besides the model's weights and the graph's own buffers: each must be
+# the kept one, not one made per call (a replayed graph would read a freed address).
+STEP_TENSORS = ("slots", "slot_positions", "slot_blocks", "slot_is_real", "committed", "no_noise", "eos_ids",
+                "prev_logits")
+
+
+def test_static_state_is_kept_per_shape_and_refilled_per_call(monkeypatch):
+    """A second call with the same shapes reuses the kept buffers (the very tensors a captured graph reads) and still
+    gives the eager tokens for a different prompt; another shape gets its own state; clearing frees them."""
+    from efficient_dlm import generation_efficient_dlm as G
     from efficient_dlm.generation_efficient_dlm import _STATIC_STATES
 
-    dlm = converted(block_size=4)
+    decoders = []
+    run = G._StaticBlockDecoder.run
+    monkeypatch.setattr(G._StaticBlockDecoder, "run", lambda self, **kw: decoders.append(self) or run(self, **kw))
+    dlm = converted(block_size=4, shift_logits=True)
     static_vs_eager(dlm, cases=[([9, 5, 12], 12)])
     (state,) = _STATIC_STATES[dlm].values()
     keys = state.cache.keys
@@ -123,6 +133,12 @@ def test_static_state_is_kept_per_shape_and_refilled_per_call():
     assert torch.equal(dlm.generate(ids, cache_implementation="static", **kwargs),
                        dlm.generate(ids, cache_implementation="dynamic", **kwargs))
     assert len(_STATIC_STATES[dlm]) == 1 and next(iter(_STATIC_STATES[dlm].values())).cache.keys is keys
+    first, second = decoders
+    assert second.cache is first.cache and second.state is first.state
+    for name in STEP_TENSORS:
+        assert getattr(first, name) is not None and getattr(second, name) is getattr(first, name), name
+    for name in ("keys", "values", "write_index", "pad_len"):
+        assert getattr(second.cache, name) is getattr(first.cache, name), name
     static_vs_eager(dlm, cases=[([4], 8)])
     assert len(_STATIC_STATES[dlm]) == 2
     dlm.clear_static_decoding_state()
