@@ -2,6 +2,9 @@
 step? Random-weight Qwen3 shapes, batch 1, prompt 256, 256 new tokens, 4 tokens per step.
 
     python benchmarks/probe_compiled_step.py 0.6b 8b
+
+Superseded by `generate(compile=True)` (compiled decoder layers inside the kept CUDA graphs; `bench.py` measures it):
+kept as the record of the first measurement.
 """
 import sys, time, torch
 sys.path.insert(0, ".")
