@@ -165,7 +165,8 @@ class DiffusionGenerateOutput(ModelOutput):
 
     sequences: prompt + completion `[batch, prompt_len + new]`, padded with `pad_token_id` after EOS.
     nfe: model forward passes (each one a denoising step; the prompt prefill is the first step).
-    tokens_per_forward: generated tokens (up to and including EOS) per row per forward that row took part in.
+    tokens_per_forward: generated tokens (up to and including EOS) per denoising step of their row, summed over
+        rows; a step counts for a row while the row has masked positions, so batching does not change it.
     history: with `output_history`, the completion `[batch, max_new_tokens]` after each step (mask token = undecoded).
     decode_path: how the repeating steps ran, e.g. "dynamic", "uncached", "static", "static+graphs+compile+kernels(
         block_attention,confidence_argmax)" (kernels as actually used, after any fallback).
@@ -404,7 +405,8 @@ class DiffusionGenerationMixin(GenerationMixin):
         if not config.return_dict_in_generate:
             return sequences
         return DiffusionGenerateOutput(
-            sequences=sequences, nfe=nfe, tokens_per_forward=decoder.generated_tokens / max(decoder.row_forwards, 1),
+            sequences=sequences, nfe=nfe,
+            tokens_per_forward=decoder.generated_tokens / max(int(decoder.row_forwards), 1),
             history=tuple(history) if config.output_history else None, decode_path=decoder.decode_path(),
         )
 
@@ -468,7 +470,7 @@ class _BlockDecoder:
         self.prev_logits = None  # shift mode: the logits of the position before the current block
         self.confidence_kernel = False  # the static decoder may switch on the fused Triton confidence/argmax
         self.generated_tokens = 0
-        self.row_forwards = 0  # forwards summed over the rows that took part: the denominator of TPF
+        self.row_forwards = 0  # denoising steps summed over rows (see `run`): the denominator of TPF
 
     def decode_path(self) -> str:
         return "dynamic" if self.use_cache else "uncached"
@@ -507,9 +509,12 @@ class _BlockDecoder:
             n = min(self.block_size, self.max_new_tokens - done_tokens)
             canvas, masked = self._new_block(n)
             while True:
+                # A row's denoising steps are the forwards in which it still had masked positions (a row done with
+                # its block only waits for the others): counted so, TPF is what the row gets when decoded alone.
+                # Summed on the device: no host sync beyond the one per step below.
+                self.row_forwards = self.row_forwards + masked.any(-1).sum()
                 canvas, masked = self._step(canvas, masked)
                 nfe += 1
-                self.row_forwards += len(self.rows)
                 if streamer is not None and hasattr(streamer, "put_draft"):  # TextDiffusionStreamer: the draft so far
                     streamer.put_draft(canvas[0][~masked[0]].cpu())
                 if config.output_history:
