@@ -11,7 +11,12 @@ import time
 from pathlib import Path
 
 DEFAULT_DEMO_DIR = Path("runs") / "smollm2-135m-dlm"
-DEMO_CHAT_PROMPTS = ["What is the capital of France?", "Write a Python function that adds two numbers."]
+# Held out of the default adapter's training prompts (experiments/chat_prompts.py): the demo shows unseen questions.
+DEMO_CHAT_PROMPTS = (
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Give me three tips for staying healthy.",
+)
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,8 +103,14 @@ def cmd_generate(args) -> int:
     from .evaluation import timed_generate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    if args.model is None:
+        from .default_dlm import load_default_dlm
+
+        model, tokenizer = load_default_dlm(device=device)
+        print("model: the embedded SmolLM2-135M-Instruct + the default chat adapter (efficient_dlm/assets)")
+    else:
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     input_ids, attention_mask = encode_prompts(tokenizer, args.prompts, args.chat, device)
     torch.manual_seed(args.seed)
     run = timed_generate(model, input_ids, attention_mask, **decoding_kwargs(args))
@@ -165,30 +176,46 @@ def cmd_demo(args) -> int:
     gap = (ar_nll - dlm_nll).abs().max().item()
     print(f"\nlargest |AR - dLM| gap: {gap:.2e} nats/token (block_size=1 + shift_logits reproduces the parent)")
 
-    # Chat with both. At block 1 the diffusion decoder must give the parent's greedy answer token for token; at
-    # block 32 the untrained conversion shows the parallel decoding machinery (its text needs conversion training).
-    dlm = converted.model
-    input_ids, attention_mask = encode_prompts(tokenizer, DEMO_CHAT_PROMPTS, chat=True, device="cpu")
-    eos = tokenizer.eos_token_id
-    ar_run = timed_generate(ar_model, input_ids, attention_mask, max_new_tokens=args.max_new_tokens,
-                            do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    dlm_run = timed_generate(dlm, input_ids, attention_mask, max_new_tokens=args.max_new_tokens, eos_token_id=eos)
-    wide_run = timed_generate(dlm, input_ids, attention_mask, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
-                              block_size=32, threshold=0.7)
-    same = ar_run.completions == dlm_run.completions
+    # Chat. At block 1 the diffusion decoder must give the parent's greedy answer token for token. The default
+    # dLM (the same base converted at the adapter's block size, plus the committed chat adapter) decodes several
+    # tokens per forward; the untrained conversion at the same settings shows what the adapter adds.
+    from .default_dlm import load_default_dlm
+
+    chat_dlm, _ = load_default_dlm()
+    decoding = {name: getattr(chat_dlm.generation_config, name) for name in ("block_size", "threshold")}
+    untrained = convert(source.location, block_size=decoding["block_size"], shift_logits=chat_dlm.config.shift_logits,
+                        ar_model=ar_model, tokenizer=tokenizer).model
+    setting = f"block {decoding['block_size']}, tau {decoding['threshold']}"
+    input_ids, attention_mask = encode_prompts(tokenizer, list(DEMO_CHAT_PROMPTS), chat=True, device="cpu")
+    eos, budget = tokenizer.eos_token_id, args.max_new_tokens
+    runs = {
+        "AR parent (transformers)": timed_generate(ar_model, input_ids, attention_mask, max_new_tokens=budget,
+                                                   do_sample=False, eos_token_id=eos,
+                                                   pad_token_id=tokenizer.pad_token_id),
+        "dLM block 1 (untrained)": timed_generate(converted.model, input_ids, attention_mask, max_new_tokens=budget,
+                                                  eos_token_id=eos),
+        f"dLM {setting}, untrained": timed_generate(untrained, input_ids, attention_mask, max_new_tokens=budget,
+                                                     eos_token_id=eos, **decoding),
+        f"dLM {setting} + adapter": timed_generate(chat_dlm, input_ids, attention_mask, max_new_tokens=budget,
+                                                    eos_token_id=eos),
+    }
+    labels = list(runs)
     for index, prompt in enumerate(DEMO_CHAT_PROMPTS):
         print(f"\n### {prompt}")
-        for label, run in (("AR parent", ar_run), ("dLM block 1", dlm_run), ("dLM block 32, tau 0.7", wide_run)):
+        for label, run in runs.items():
             text = tokenizer.decode(run.completions[index], skip_special_tokens=True).strip().replace("\n", " ")
-            print(f"[{label}] {text[:160]}")
-    print(f"\n{'decoder':<26} {'tokens':>6} {'tok/s':>7} {'NFE':>5} {'tokens/forward':>14}")
-    for label, run in (("AR parent (transformers)", ar_run), ("dLM block 1", dlm_run),
-                       ("dLM block 32, tau 0.7", wide_run)):
+            print(f"[{label}] {text[:200]}")
+    width = max(len(label) for label in labels)
+    print(f"\n{'decoder':<{width}} {'tokens':>6} {'tok/s':>7} {'NFE':>5} {'tokens/forward':>14}")
+    for label, run in runs.items():
         nfe = run.nfe if run.nfe is not None else "-"
         tpf = f"{run.tokens_per_forward:.2f}" if run.tokens_per_forward is not None else "1.00"
-        print(f"{label:<26} {run.new_tokens:>6} {run.tokens_per_second:>7.1f} {nfe:>5} {tpf:>14}")
+        print(f"{label:<{width}} {run.new_tokens:>6} {run.tokens_per_second:>7.1f} {nfe:>5} {tpf:>14}")
+    same = runs[labels[0]].completions == runs[labels[1]].completions
+    adapter_tpf = runs[labels[3]].tokens_per_forward
     print(f"\nblock-1 diffusion answers identical to the parent's greedy answers: {same}")
-    return 0 if gap < 1e-3 and same else 1
+    print(f"default chat dLM decodes {adapter_tpf:.2f} tokens per forward ({setting})")
+    return 0 if gap < 1e-3 and same and adapter_tpf > 1 else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate with a checkpoint folder (diffusion decoding)")
     generate.add_argument("prompts", nargs="+", help="one or more prompts (decoded as one left-padded batch)")
-    generate.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    generate.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the embedded "
+                          "SmolLM2-135M-Instruct with the default chat adapter)")
     generate.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     generate.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     _add_decoding_arguments(generate)
@@ -237,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base", default=None, help="AR checkpoint (default: the embedded SmolLM2-135M-Instruct)")
     demo.add_argument("--output", default=str(DEFAULT_DEMO_DIR), help=f"checkpoint folder (default {DEFAULT_DEMO_DIR})")
     demo.add_argument("--samples", type=int, default=4, help="how many real texts to score (at most 5)")
-    demo.add_argument("--max-new-tokens", type=int, default=48, help="length of the chat answers")
+    demo.add_argument("--max-new-tokens", type=int, default=96, help="longest chat answer, in tokens")
     demo.set_defaults(func=cmd_demo)
     return parser
 
