@@ -143,6 +143,7 @@ def test_static_compiled_rows_and_variants(tmp_path):
     for (_, _, variant), row in rows.items():
         assert not row.get("error") and not row.get("dlm_static_error"), row
         assert row["dlm_path"] == ("static+compile" if variant.startswith("compile") else "static")
+        # The prefill time was found for every variant (whether it could be subtracted depends on CPU timing noise).
         assert row["dlm_prefill_ms"] is not None and row["step_ms"] > 0 and row["nfe"] == 4
         assert row["weights"] == "random"
 

@@ -18,8 +18,8 @@ Definitions (all times wall-clock with the device synchronised, after one warm-u
 * `ar_tok_s` / `dlm_tok_s` = batch x new tokens / seconds of the whole `generate` call (prompt prefill included);
 * `ar_prefill_ms` = a `generate(max_new_tokens=1)` call; `ar_step_ms` = (AR seconds - prefill) / (new tokens - 1);
 * `dlm_prefill_ms` = a `generate(max_new_tokens=block, steps=block)` call (NFE 1: the prompt plus the first masked
-  block); `step_ms` = (dLM seconds - prefill) / (NFE - 1), the cost of one denoising step; `step_ms_total` =
-  seconds / NFE;
+  block); `step_ms` = (dLM seconds - prefill) / (NFE - 1), the cost of one denoising step (`step_excludes_prefill`
+  false: seconds / NFE, where no prefill time fits); `step_ms_total` = seconds / NFE;
 * `floor_ms` = (bytes of the weights one forward reads + the K/V read at the mean context) / copy bandwidth;
   `compute_floor_ms` = 2 x read parameters x tokens in the forward / matmul rate; `roofline_ms` = the larger;
 * `speedup` = dlm_tok_s / ar_tok_s; `step_speedup` = TPF x ar_step_ms / step_ms (decoding only).
@@ -344,16 +344,16 @@ def run_dlm(dlm, input_ids, attention_mask, args, device, *, steps=None, thresho
         raise RuntimeError(f"dLM generate produced {generated} new tokens, expected {new}")
     nfe = int(output.nfe)
     prefill = (prefill_s or {}).get(_path_base(path))
-    if prefill is not None and nfe > 1 and seconds > prefill:
-        step = (seconds - prefill) / (nfe - 1)
-    else:  # no prefill time for this path (or timing noise beyond it): the mean over every forward
-        step, prefill = seconds / nfe, None
+    excludes_prefill = prefill is not None and nfe > 1 and seconds > prefill
+    # Without a prefill time for this path (or with timing noise beyond it): the mean over every forward.
+    step = (seconds - prefill) / (nfe - 1) if excludes_prefill else seconds / nfe
     return dict(
         dlm_path=path,
         dlm_static_error=static_error,
         dlm_first_call_s=first_call_s,
         dlm_seconds=seconds,
         dlm_prefill_ms=None if prefill is None else prefill * 1e3,
+        step_excludes_prefill=excludes_prefill,
         dlm_tok_s=batch * new / seconds,
         tpf=float(output.tokens_per_forward) if output.tokens_per_forward is not None else new / nfe,
         nfe=nfe,
