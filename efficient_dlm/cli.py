@@ -142,7 +142,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from .conversion import convert, load_ar_model, resolve_base
-    from .evaluation import causal_token_nll, next_token_nll, real_text_samples, timed_generate
+    from .evaluation import causal_token_nll, next_token_nll, real_text_samples, timed_generate_each
 
     source = resolve_base(args.base)
     print(f"base: {source.description}")
@@ -186,18 +186,17 @@ def cmd_demo(args) -> int:
     untrained = convert(source.location, block_size=decoding["block_size"], shift_logits=chat_dlm.config.shift_logits,
                         ar_model=ar_model, tokenizer=tokenizer).model
     setting = f"block {decoding['block_size']}, tau {decoding['threshold']}"
-    input_ids, attention_mask = encode_prompts(tokenizer, list(DEMO_CHAT_PROMPTS), chat=True, device="cpu")
+    # Each prompt alone, as a chat user sends them: batch 1 is where a diffusion decoder's fewer forwards pay off.
+    prompts = [encode_prompts(tokenizer, [prompt], chat=True, device="cpu") for prompt in DEMO_CHAT_PROMPTS]
     eos, budget = tokenizer.eos_token_id, args.max_new_tokens
     runs = {
-        "AR parent (transformers)": timed_generate(ar_model, input_ids, attention_mask, max_new_tokens=budget,
-                                                   do_sample=False, eos_token_id=eos,
-                                                   pad_token_id=tokenizer.pad_token_id),
-        "dLM block 1 (untrained)": timed_generate(converted.model, input_ids, attention_mask, max_new_tokens=budget,
-                                                  eos_token_id=eos),
-        f"dLM {setting}, untrained": timed_generate(untrained, input_ids, attention_mask, max_new_tokens=budget,
-                                                     eos_token_id=eos, **decoding),
-        f"dLM {setting} + adapter": timed_generate(chat_dlm, input_ids, attention_mask, max_new_tokens=budget,
-                                                    eos_token_id=eos),
+        "AR parent (transformers)": timed_generate_each(ar_model, prompts, max_new_tokens=budget, do_sample=False,
+                                                        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id),
+        "dLM block 1 (untrained)": timed_generate_each(converted.model, prompts, max_new_tokens=budget,
+                                                       eos_token_id=eos),
+        f"dLM {setting}, untrained": timed_generate_each(untrained, prompts, max_new_tokens=budget, eos_token_id=eos,
+                                                          **decoding),
+        f"dLM {setting} + adapter": timed_generate_each(chat_dlm, prompts, max_new_tokens=budget, eos_token_id=eos),
     }
     labels = list(runs)
     for index, prompt in enumerate(DEMO_CHAT_PROMPTS):

@@ -55,3 +55,15 @@ def timed_generate(model, input_ids, attention_mask=None, **generate_kwargs) -> 
     nfe = output.nfe if is_diffusion else None
     tpf = output.tokens_per_forward if is_diffusion else None
     return GenerationRun(sequences, completions, seconds, nfe, tpf)
+
+
+def timed_generate_each(model, prompts, **generate_kwargs) -> GenerationRun:
+    """`timed_generate` on each `(input_ids, attention_mask)` prompt alone (the latency regime of a chat), totalled:
+    completions in order, seconds and forwards summed, tokens per forward over all of them."""
+    runs = [timed_generate(model, input_ids, attention_mask, **generate_kwargs) for input_ids, attention_mask in prompts]
+    completions = [completion for run in runs for completion in run.completions]
+    if runs[0].nfe is None:
+        return GenerationRun(None, completions, sum(r.seconds for r in runs), None, None)
+    nfe = sum(run.nfe for run in runs)
+    return GenerationRun(None, completions, sum(r.seconds for r in runs), nfe,
+                         sum(len(c) for c in completions) / max(nfe, 1))
