@@ -169,3 +169,15 @@ def test_bad_dtype_is_refused():
 def test_resolve_base_defaults_to_the_embedded_smollm2():
     source = resolve_base(None)
     assert source.kind == "gguf" and source.location.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_gguf_tokenizer_ends_turns_where_the_model_config_says(smollm2_gguf_path):
+    # transformers 5.17 reads SmolLM2's GGUF tokenizer with EOS = <|im_start|> and no pad token; chat answers then
+    # run past <|im_end|>. load_ar_model aligns the tokenizer with the config (EOS <|im_end|>, pad = EOS).
+    import torch
+
+    from efficient_dlm.conversion import load_ar_model, resolve_base
+
+    model, tokenizer = load_ar_model(resolve_base(smollm2_gguf_path), torch.float32)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == model.config.eos_token_id
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
