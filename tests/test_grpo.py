@@ -101,23 +101,25 @@ STANDARD_ERRORS = 4.0
 RELATIVE_TOLERANCE = 0.03
 
 
-@pytest.mark.parametrize("antithetic", [True, False])
-def test_at_block_size_1_the_elbo_estimate_is_unbiased_for_the_exact_log_likelihood(antithetic):
-    model = tiny_task_model(block_size=1).eval()
+@pytest.mark.parametrize("antithetic, shift_logits", [(True, False), (False, False), (True, True)])
+def test_at_block_size_1_the_elbo_estimate_is_unbiased_for_the_exact_log_likelihood(antithetic, shift_logits):
+    model = tiny_task_model(block_size=1, shift_logits=shift_logits).eval()
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4, 80, (n,), generator=generator).tolist() for n in (5, 3)]
     completions = [torch.randint(4, 80, (n,), generator=generator).tolist() for n in (7, 4)]
     ids, mask, width = trl_batch(prompts, completions)
-    exact = [exact_log_likelihood(model, p, c) for p, c in zip(prompts, completions)]
+    exact = [(decode_first_step_log_likelihood(model, p, c, 1) if shift_logits else exact_log_likelihood(model, p, c))
+             for p, c in zip(prompts, completions)]
     with torch.no_grad():
         # d1 masks every completion token at once; at block size 1 each sees only the clean tokens before it, so it
         # is the exact likelihood.
-        d1 = sequence_log_likelihood(model, ids, mask, width, mask_token_id=MASK, block_size=1, estimator="d1")
+        d1 = sequence_log_likelihood(model, ids, mask, width, mask_token_id=MASK, block_size=1, estimator="d1",
+                                     shift_logits=shift_logits)
         assert d1.sum(-1).tolist() == pytest.approx(exact, abs=1e-4)
         rows = len(prompts)
         estimates = sequence_log_likelihood(
             model, ids.repeat(DRAWS, 1), mask.repeat(DRAWS, 1), width, mask_token_id=MASK, block_size=1,
-            mask_seeds=list(range(rows * DRAWS)), antithetic=antithetic,
+            mask_seeds=list(range(rows * DRAWS)), antithetic=antithetic, shift_logits=shift_logits,
         ).sum(-1).view(DRAWS, rows)
     for row in range(rows):
         mean, standard_error = estimates[:, row].mean().item(), estimates[:, row].std().item() / DRAWS**0.5
@@ -160,22 +162,36 @@ def test_the_estimate_is_deterministic_per_seed_whatever_the_batch():
     assert (first[mask[:, -width:] == 0] == 0).all()  # padding contributes nothing
 
 
-def test_the_estimate_honours_the_token_shift():
-    """With shift_logits, logit i scores token i + 1. d1 at block size 1 then scores c_i at the (masked) position of
-    c_(i-1), which sees the clean tokens before it: the conversion objective's reading of the shift, where the
-    first completion token is scored from the clean prompt."""
-    model = tiny_task_model(block_size=1, shift_logits=True).eval()
-    prompt, completion = [10, 11, 12], [20, 21, 22, 23]
-    ids, mask, width = trl_batch([prompt], [completion])
-    expected = 0.0
+def decode_first_step_log_likelihood(model, prompt, completion, block_size) -> float:
+    """log p(completion | prompt) as generate()'s first denoising step of each block reads it with the token shift:
+    the block's first token from the last logit of the clean prefix, every other token from the logit before it
+    in [prefix ; all-masked block] (plain forwards, no bd3 layout, no estimator code)."""
+    total, offset = 0.0, -len(prompt) % block_size
     with torch.no_grad():
-        for i in range(len(completion)):
-            context = prompt if i == 0 else prompt + completion[: i - 1] + [MASK]
-            logits = model(torch.tensor([context])).logits[0, -1]
-            expected += torch.log_softmax(logits.float(), -1)[completion[i]].item()
-        d1 = sequence_log_likelihood(model, ids, mask, width, mask_token_id=MASK, block_size=1, estimator="d1",
-                                     shift_logits=True)
-    assert d1.sum().item() == pytest.approx(expected, abs=1e-4)
+        for start in range(0, len(completion), block_size):
+            block, prefix = completion[start:start + block_size], prompt + completion[:start]
+            ids = torch.tensor([prefix + [MASK] * len(block)])
+            log_probs = torch.log_softmax(model(ids, block_offset=offset).logits[0].float(), -1)
+            total += sum(log_probs[len(prefix) + j - 1, token].item() for j, token in enumerate(block))
+    return total
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_with_the_token_shift_a_blocks_first_token_is_scored_from_the_clean_previous_block(block_size):
+    """With shift_logits, logit i scores token i + 1, and generate() predicts a block's first token from the last
+    position of the clean, decoded previous block. d1 must score every block's first step so (at block size 1: the
+    exact autoregressive likelihood), not from the previous block's masked copy (the bug: a context decoding never
+    sees; rows of one block were right, longer ones off by ~1 nat)."""
+    model = tiny_task_model(block_size=block_size, shift_logits=True).eval()
+    prompts = [[10, 11, 12, 13, 14], [15, 16], [17, 18, 19]]
+    completions = [[20, 21, 22, 23, 24, 25, 26, 27, 28, EOS], [26, 27, EOS], [28, 29, 30, 31, 32]]
+    ids, mask, width = trl_batch(prompts, completions)
+    expected = [decode_first_step_log_likelihood(model, p, c, block_size) for p, c in zip(prompts, completions)]
+    with torch.no_grad():
+        d1 = sequence_log_likelihood(model, ids, mask, width, mask_token_id=MASK, block_size=block_size,
+                                     estimator="d1", shift_logits=True)
+    assert d1.sum(-1).tolist() == pytest.approx(expected, abs=1e-4)
+    assert ((d1 != 0) == mask[:, -width:].bool()).all()  # every completion token scored (EOS too), no padding
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,11 @@ LoRA via `peft_config`, logging, `accelerate launch` — is TRL's):
     masks wherever the row lands after TRL shuffles and splits the batch.
   * `d1` (one-step, from d1/diffu-GRPO): every completion token masked at once, each block given the clean blocks
     before it; one forward, deterministic, biased (it scores the first denoising step only). For comparison.
+  With the token shift (`config.shift_logits`, logit i scores token i + 1), a block's first token is scored, as
+  `generate()` predicts it, from the last position of the *clean* previous block (one more unmasked copy in the
+  forward, only when a completion spans more than one block), not from that block's noisy copy as the conversion
+  objective reads it: the noisy copy scores it from a context decoding never sees (at d1, a fully masked block).
+  So at block size 1 both estimators score the exact autoregressive likelihood, as without the shift.
   The estimate fills TRL's per-token slot as per-position contributions whose sum over a completion is the
   estimate, and `importance_sampling_level="sequence"` turns them into one ratio per completion:
   exp((L_new - L_old) / |completion|), GSPO's length-normalised sequence ratio.
@@ -121,6 +126,14 @@ def sequence_log_likelihood(
             node_masked[:, prompt_width:] = draw_independent_masks(completion_mask, t, node_uniforms)
             masked.append(node_masked)
 
+    # With the token shift, the first token of a block after the first is read at decode time from the last position
+    # of the *clean* previous block (generate() keeps that logit for the whole block), never from a noisy copy of
+    # it. A copy with nothing masked gives those logits: its noisy half sees exactly the clean prefix. Completions
+    # start on a block boundary, so it is needed only when they span more than one block.
+    clean_copy = shift_logits and completion_length > block_size
+    if clean_copy:
+        masked.append(torch.zeros_like(maskable))
+        noise_levels, weights = [*noise_levels, 1.0], [*weights, 0.0]
     # All nodes in one forward: the batch repeated once per node, each copy with its own masks and noise level.
     copies = len(noise_levels)
     # Each row's blocks end where its prompt ends, as generate() laid them out (logical positions skip padding).
@@ -138,6 +151,17 @@ def sequence_log_likelihood(
     logits = model(**noised.model_inputs(), logits_to_keep=keep).logits
     if temperature != 1.0:
         logits = logits / temperature
+    if clean_copy:
+        # Logit column j scores completion token j; columns b, 2b, ... (the blocks' first tokens) from the clean copy.
+        starts = torch.arange(block_size, completion_length, block_size, device=device)
+        nodes = copies - 1
+        logits = logits.view(copies, rows, keep, -1)
+        node_logits = logits[:nodes].clone()
+        node_logits[:, :, starts] = logits[nodes:, :, starts]
+        logits = node_logits.view(nodes * rows, keep, -1)
+        noised = _first_rows(noised, nodes * rows)
+        copies = nodes
+        weights = weights[:nodes]
     window = _last_columns(noised, keep)
     scored = masked_token_log_likelihoods(logits, window, shift_logits, compute_entropy=compute_entropy)
     per_position, entropies = scored if compute_entropy else (scored, None)
@@ -150,6 +174,14 @@ def sequence_log_likelihood(
     entropies = entropies[:, -completion_length:].reshape(copies, rows, completion_length)
     entropy = (entropies * node_masked).sum(0) / node_masked.sum(0).clamp(min=1.0)
     return contributions, entropy.detach()
+
+
+def _first_rows(noised, count: int):
+    """The noised batch's per-token fields cut to their first `count` rows (the clean copy dropped)."""
+    from dataclasses import replace
+
+    return replace(noised, targets=noised.targets[:count], masked=noised.masked[:count],
+                   weights=noised.weights[:count])
 
 
 def _last_columns(noised, count: int):
@@ -366,14 +398,21 @@ def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate_on_task(model, tokenizer, task, rows, *, max_new_tokens: int, block_size: int | None = None,
-                     threshold: float = 0.9, batch_size: int = 64) -> dict:
-    """Greedy diffusion decoding of task rows (`task.make_rows`): accuracy, mean reward, tokens per forward."""
+                     threshold: float = 0.9, batch_size: int = 64, temperature: float = 0.0,
+                     seed: int = 0) -> dict:
+    """Diffusion decoding of task rows (`task.make_rows`): accuracy, mean reward, tokens per forward.
+
+    Greedy by default; `temperature > 0` samples (as the RL rollouts do), from a generator seeded with `seed`."""
     model_was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     completions, forwards, tokens = [], 0.0, 0
+    sampling = {}
+    if temperature and temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature,
+                    "generator": torch.Generator(device=device).manual_seed(seed)}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         prompt_ids = encode_prompts(tokenizer, [row["prompt"] for row in chunk])
@@ -383,7 +422,7 @@ def evaluate_on_task(model, tokenizer, task, rows, *, max_new_tokens: int, block
                           >= torch.tensor([width - len(ids) for ids in prompt_ids], device=device)[:, None]).long()
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                 block_size=block_size, threshold=threshold, eos_token_id=eos, pad_token_id=pad,
-                                return_dict_in_generate=True)
+                                return_dict_in_generate=True, **sampling)
         generated = [row[: next((i + 1 for i, t in enumerate(row) if t == eos), len(row))]
                      for row in output.sequences[:, width:].tolist()]
         tokens += sum(len(row) for row in generated)
