@@ -267,6 +267,28 @@ def _write_adapter(trainer, base: _Base, folder: Path, base_output: Path | None)
             (folder / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def write_trained_output(trainer, base: _Base, output: Path, *, lora: bool, base_output: Path | None,
+                         write_records) -> None:
+    """Write what a run trained into `output`: the adapter (`lora`) or a complete checkpoint, `write_records(folder)`
+    for the run's own records, and the Trainer's log. Built in a partial folder that replaces `output` only once
+    complete. Every process calls it (saving may gather shards); the main process writes."""
+    partial = output.parent / f".{output.name}.partial"
+    if trainer.is_world_process_zero() and partial.exists():
+        shutil.rmtree(partial)
+    trainer.accelerator.wait_for_everyone()
+    if lora:
+        _write_adapter(trainer, base, partial, base_output)
+    else:
+        _write_full_checkpoint(trainer, base, partial)
+    if trainer.is_world_process_zero():
+        (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle, of no use outside this run
+        write_records(partial)
+        with open(partial / TRAIN_LOG, "w") as log:
+            for entry in trainer.state.log_history:
+                log.write(json.dumps(entry) + "\n")
+        _replace_folder(partial, output)
+
+
 def run_train(args) -> int:
     """Run `efficient-dlm train` from parsed arguments (see `add_train_arguments`); 0 on success.
 
@@ -332,23 +354,11 @@ def run_train(args) -> int:
     if eval_rows is not None:
         trainer.evaluate()
 
-    partial = output.parent / f".{output.name}.partial"
-    if trainer.is_world_process_zero() and partial.exists():
-        shutil.rmtree(partial)
-    trainer.accelerator.wait_for_everyone()
-    if args.lora:
-        _write_adapter(trainer, base, partial, base_output)
-    else:
-        _write_full_checkpoint(trainer, base, partial)
+    record = trainer.training_record(stage="sft" if args.sft else "conversion", datasets=train_rows.sources,
+                                     command=_command_line(args))
+    write_trained_output(trainer, base, output, lora=args.lora, base_output=base_output,
+                         write_records=lambda folder: write_training_record(folder, record, base.previous_stages))
     if trainer.is_world_process_zero():
-        (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle, of no use outside this run
-        record = trainer.training_record(stage="sft" if args.sft else "conversion", datasets=train_rows.sources,
-                                         command=_command_line(args))
-        write_training_record(partial, record, base.previous_stages)
-        with open(partial / TRAIN_LOG, "w") as log:
-            for entry in trainer.state.log_history:
-                log.write(json.dumps(entry) + "\n")
-        _replace_folder(partial, output)
         final_loss = record.get("final_loss")
         print(f"wrote {'adapter' if args.lora else 'checkpoint'} {output}: {trainer.state.global_step} steps, "
               f"final loss {final_loss if final_loss is not None else 'n/a'}, "

@@ -12,7 +12,6 @@ and `train_log.jsonl`. It is an ordinary TRL/transformers Trainer run: CPU, one 
 import argparse
 import json
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ from pathlib import Path
 from .adapters import LORA_EXTRA_TRAINABLES
 
 RL_RECORD = "rl.json"
-TRAIN_LOG = "train_log.jsonl"
 
 
 def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,7 +132,7 @@ def run_rl(args) -> int:
 
     from ..evaluation.benchmark import _versions
     from .adapters import lora_config
-    from .cli import _check_output, _replace_folder, _write_adapter, _write_full_checkpoint
+    from .cli import _check_output, write_trained_output
     from .grpo import DiffusionGRPOTrainer, evaluate_on_task
     from .tasks import get_task
 
@@ -173,30 +171,19 @@ def run_rl(args) -> int:
         print(f"after:  accuracy {after['accuracy']:.3f}, mean reward {after['mean_reward']:.3f}, "
               f"tokens per forward {after['tokens_per_forward']:.2f}", flush=True)
 
-    partial = output.parent / f".{output.name}.partial"
-    if trainer.is_world_process_zero() and partial.exists():
-        shutil.rmtree(partial)
-    trainer.accelerator.wait_for_everyone()
-    if args.lora:
-        _write_adapter(trainer, base, partial, None)
-    else:
-        _write_full_checkpoint(trainer, base, partial)
+    record = {
+        "stage": "rl", "task": args.task, "task_options": parse_task_options(args.task_option),
+        "prompt_style": style, "estimator": args.estimator, "quadrature_nodes": args.quadrature_nodes,
+        "block_size": trainer.block_size, "threshold": args.threshold, "steps": int(trainer.state.global_step),
+        "num_generations": args.num_generations, "learning_rate": args.lr, "lora": bool(args.lora),
+        "held_out": {"size": len(held_out), "before": before, "after": after},
+        "versions": _versions(), "seconds": round(time.perf_counter() - started, 1),
+        "command": getattr(args, "command_line", None) or shlex.join(["efficient-dlm", "rl", *sys.argv[1:]]),
+    }
+    record_text = json.dumps(record, indent=2) + "\n"
+    write_trained_output(trainer, base, output, lora=args.lora, base_output=None,
+                         write_records=lambda folder: (folder / RL_RECORD).write_text(record_text))
     if trainer.is_world_process_zero():
-        (partial / "training_args.bin").unlink(missing_ok=True)
-        record = {
-            "stage": "rl", "task": args.task, "task_options": parse_task_options(args.task_option),
-            "prompt_style": style, "estimator": args.estimator, "quadrature_nodes": args.quadrature_nodes,
-            "block_size": trainer.block_size, "threshold": args.threshold, "steps": int(trainer.state.global_step),
-            "num_generations": args.num_generations, "learning_rate": args.lr, "lora": bool(args.lora),
-            "held_out": {"size": len(held_out), "before": before, "after": after},
-            "versions": _versions(), "seconds": round(time.perf_counter() - started, 1),
-            "command": getattr(args, "command_line", None) or shlex.join(["efficient-dlm", "rl", *sys.argv[1:]]),
-        }
-        (partial / RL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        with open(partial / TRAIN_LOG, "w") as log:
-            for entry in trainer.state.log_history:
-                log.write(json.dumps(entry) + "\n")
-        _replace_folder(partial, output)
         print(f"wrote {'adapter' if args.lora else 'checkpoint'} {output}: {trainer.state.global_step} steps, "
               f"{time.perf_counter() - started:.0f}s", flush=True)
     trainer.accelerator.wait_for_everyone()
