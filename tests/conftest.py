@@ -11,8 +11,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from transformers import (  # noqa: E402
-    AutoModelForCausalLM,
-    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -93,10 +91,8 @@ def smollm2_gguf_path():
 
 @pytest.fixture(scope="session")
 def smollm2_parent(smollm2_gguf_path):
-    """The real SmolLM2-135M-Instruct (dequantised from the Q4_1 GGUF, fp32) and its tokenizer."""
-    folder, name = os.path.split(smollm2_gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if tokenizer.pad_token is None:  # transformers 5.17 reads no pad token from this GGUF; 5.23 reads <|im_end|>
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return model, tokenizer
+    """The real SmolLM2-135M-Instruct (dequantised from the Q4_1 GGUF, fp32) and its tokenizer, loaded as conversion
+    loads it (the tokenizer's EOS and pad aligned with the model config on every transformers version)."""
+    from efficient_dlm.conversion import load_ar_model, resolve_base
+
+    return load_ar_model(resolve_base(smollm2_gguf_path), torch.float32)
