@@ -1,20 +1,22 @@
-"""RL fine-tuning of the converted SmolLM2-135M-Instruct on a verifiable task: the ELBO estimator against d1.
+"""RL fine-tuning of the converted SmolLM2-135M-Instruct on a verifiable task: the likelihood estimators compared.
 
 One self-contained GPU run (issue 7). The start:
 - with `--adapter DIR` (a LoRA adapter from `efficient-dlm train --lora`, e.g. the chat-trained conversion): the
   GGUF converted with the settings the adapter's conversion.json records, the adapter merged in;
 - without: the GGUF converted with --block-size (in-place prediction), then taught the task's answer format by a
   short SFT run of the conversion trainer (`--sft-steps`), so that it starts right sometimes but rarely.
-Then, from that same start for each estimator (`elbo`, then `d1`) with the same budget (steps, rollouts, lr, seed):
-held-out accuracy, mean reward and tokens per forward (greedy, threshold tau) before, every --eval-every steps, and
-after RL, and before and after also at the rollout temperature (what RL optimises). Prints a table; writes rl_smollm2.json (with versions, device, the exact command) and rl_smollm2.png
-(training reward and held-out accuracy over steps, both estimators) into --out.
+Then, from that same start for each run of `--runs` with the same budget (steps, rollouts, lr, seed): held-out
+accuracy, mean reward and tokens per forward, greedy and at the rollout temperature (what RL optimises), before,
+every --eval-every steps and after RL. A run is an estimator (`elbo`, `d1`, `trace`), optionally `@B` for another
+decode/scoring block size: `trace@1` decodes one token per step and scores the exact autoregressive likelihood of
+the same weights — plain GRPO, the control that tells an estimator's failure from the setup's. Prints a table;
+writes rl_smollm2.json (with versions, device, the exact command) and rl_smollm2.png (training reward and held-out
+accuracy over steps, every run) into --out.
 
-    python experiments/rl_smollm2.py --gguf PATH [--adapter DIR] --out DIR [--steps 80]
+    python experiments/rl_smollm2.py --gguf PATH [--adapter DIR] --out DIR [--steps 80] [--runs elbo,d1,trace]
 
-Defaults (3-digit addition, 16 prompts x 8 rollouts a step, lr 3e-6, 256 held-out problems): the first H100 run
-(2-digit addition, 8 x 8, lr 1e-5, 128 problems) started at 0.78 greedy accuracy, left most groups without a
-reward spread (frac_reward_zero_std 0.5-0.875), and its updates lowered both the held-out and the rollout reward.
+Earlier H100 runs (ELBO and d1 only; experiments/results/rl_smollm2_run1.json, rl_smollm2.json,
+rl_smollm2_run3.json): at lr 1e-5, 3e-6 and 1e-6 both lowered held-out accuracy while tokens per forward rose.
     python experiments/rl_smollm2.py --out /tmp/smoke --steps 2 --eval-n 4 --sft-steps 2   # CPU smoke run
 """
 
@@ -42,11 +44,11 @@ from efficient_dlm.training import (  # noqa: E402
     get_task,
     sft_row,
 )
-from efficient_dlm.training.grpo import encode_prompts  # noqa: E402
+from efficient_dlm.training.grpo import LIKELIHOOD_ESTIMATORS, encode_prompts  # noqa: E402
 from efficient_dlm.training.rl_cli import parse_task_options  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ESTIMATORS = ("elbo", "d1")
+DEFAULT_RUNS = "elbo,d1,trace,trace@1"
 
 
 def load_start(args):
@@ -102,23 +104,36 @@ class HeldOutCurve(TrainerCallback):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
             result = self.measure(model)
             self.points.append({"step": state.global_step, **{k: v for k, v in result.items() if k != "examples"}})
-            print(f"  step {state.global_step}: held-out accuracy {result['accuracy']:.3f}, reward "
-                  f"{result['mean_reward']:.3f}, TPF {result['tokens_per_forward']:.2f}", flush=True)
+            print(f"  step {state.global_step}: held-out accuracy {result['accuracy']:.3f} (sampled "
+                  f"{result['sampled']['accuracy']:.3f}), reward {result['mean_reward']:.3f}, TPF "
+                  f"{result['tokens_per_forward']:.2f}", flush=True)
 
 
-def run_estimator(estimator, start_state, model, tokenizer, task, train_rows, measure, base_point, args, out):
+def parse_runs(text: str, default_block: int) -> list[tuple[str, str, int]]:
+    """`elbo,trace@1` -> [(name, estimator, block size)]."""
+    runs = []
+    for name in text.split(","):
+        estimator, _, block = name.strip().partition("@")
+        if estimator not in LIKELIHOOD_ESTIMATORS or (block and not block.isdigit()):
+            raise SystemExit(f"--runs: {name!r} is not ESTIMATOR[@BLOCK] with ESTIMATOR in {LIKELIHOOD_ESTIMATORS}")
+        runs.append((name.strip(), estimator, int(block) if block else default_block))
+    return runs
+
+
+def run_rl(name, estimator, block_size, start_state, model, tokenizer, task, train_rows, measure, base_point, args,
+           out):
     model.load_state_dict(start_state)
     model.train()
     config = DiffusionGRPOConfig(
-        output_dir=str(out / f"grpo-{estimator}"), max_steps=args.steps, learning_rate=args.lr,
+        output_dir=str(out / f"grpo-{name}"), max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="constant_with_warmup", warmup_steps=max(1, args.steps // 10),
         per_device_train_batch_size=args.prompts_per_step * args.num_generations, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, temperature=args.temperature, threshold=args.threshold,
-        block_size=model.config.block_size, likelihood_estimator=estimator, beta=0.0, bf16=DEVICE == "cuda",
+        block_size=block_size, likelihood_estimator=estimator, beta=0.0, bf16=DEVICE == "cuda",
         logging_steps=1, save_strategy="no", report_to=[], seed=args.seed, disable_tqdm=True,
         dataloader_pin_memory=False, use_cpu=DEVICE == "cpu", gradient_checkpointing=False,
     )
-    curve = HeldOutCurve(measure, args.eval_every)
+    curve = HeldOutCurve(lambda m: measure(m, block_size), args.eval_every)
     curve.points.append(dict(base_point, step=0))
     trainer = DiffusionGRPOTrainer(model, reward_funcs=task.reward, args=config, train_dataset=train_rows,
                                    processing_class=tokenizer, callbacks=[curve])
@@ -126,13 +141,15 @@ def run_estimator(estimator, start_state, model, tokenizer, task, train_rows, me
     trainer.train()
     seconds = time.time() - started
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
-    final = measure(trainer.accelerator.unwrap_model(trainer.model))
+    final = measure(trainer.accelerator.unwrap_model(trainer.model), block_size)
     return {
-        "train_seconds": seconds,
+        "estimator": estimator, "block_size": block_size, "train_seconds": seconds,
         "reward": [{"step": e["step"], "reward": e["reward"], "reward_std": e.get("reward_std"),
                     "tokens_per_forward": e.get("diffusion/tokens_per_forward"),
-                    "completion_length": e.get("completions/mean_length")} for e in logs],
+                    "completion_length": e.get("completions/mean_length"), "entropy": e.get("entropy")}
+                   for e in logs],
         "held_out_curve": curve.points,
+        "start": base_point,
         "final": final,
     }
 
@@ -151,7 +168,8 @@ def main() -> int:
                         help="task-format SFT steps before RL (default: 0 with --adapter, else 150)")
     parser.add_argument("--sft-batch", type=int, default=32)
     parser.add_argument("--sft-lr", type=float, default=5e-5)
-    parser.add_argument("--steps", type=int, default=80, help="RL optimiser steps per estimator")
+    parser.add_argument("--steps", type=int, default=80, help="RL optimiser steps per run")
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated ESTIMATOR[@BLOCK] (default: %(default)s)")
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=32)
@@ -186,28 +204,30 @@ def main() -> int:
     held_out = task.make_rows(args.eval_n, seed=args.seed + 1_000_003, style="chat")
     train_rows = task.make_dataset(max(args.steps * args.prompts_per_step * 2, 64), seed=args.seed, style="chat")
 
-    def measure(m):
-        return evaluate_on_task(m, tokenizer, task, held_out, max_new_tokens=args.max_completion_length,
-                                block_size=model.config.block_size, threshold=args.threshold,
-                                batch_size=args.eval_batch)
+    def measure(m, block_size):
+        """Held-out accuracy, reward and TPF, greedy and at the rollout temperature (the policy RL optimises)."""
+        greedy = evaluate_on_task(m, tokenizer, task, held_out, max_new_tokens=args.max_completion_length,
+                                  block_size=block_size, threshold=args.threshold, batch_size=args.eval_batch)
+        sampled = evaluate_on_task(m, tokenizer, task, held_out, max_new_tokens=args.max_completion_length,
+                                   block_size=block_size, threshold=args.threshold, batch_size=args.eval_batch,
+                                   temperature=args.temperature, seed=args.seed)
+        greedy["sampled"] = {k: v for k, v in sampled.items() if k != "examples"}
+        return greedy
 
-    def measure_sampled(m):
-        """The held-out reward of rollouts as RL draws them (temperature, threshold tau): what RL optimises."""
-        return evaluate_on_task(m, tokenizer, task, held_out, max_new_tokens=args.max_completion_length,
-                                block_size=model.config.block_size, threshold=args.threshold,
-                                batch_size=args.eval_batch, temperature=args.temperature, seed=args.seed)
-
-    base = measure(model)
-    base["sampled"] = {k: v for k, v in measure_sampled(model).items() if k != "examples"}
-    base_point = {k: v for k, v in base.items() if k not in ("examples", "sampled")}
-    print(f"start: held-out accuracy {base['accuracy']:.3f}, reward {base['mean_reward']:.3f}, "
-          f"TPF {base['tokens_per_forward']:.2f}; e.g. {base['examples'][:2]}", flush=True)
+    starts = {}
     runs = {}
-    for estimator in ESTIMATORS:
-        print(f"RL with the {estimator} estimator, {args.steps} steps", flush=True)
-        runs[estimator] = run_estimator(estimator, start_state, model, tokenizer, task, train_rows, measure,
-                                        base_point, args, out)
-        runs[estimator]["final"]["sampled"] = {k: v for k, v in measure_sampled(model).items() if k != "examples"}
+    for name, estimator, block_size in parse_runs(args.runs, model.config.block_size):
+        model.load_state_dict(start_state)
+        if block_size not in starts:
+            starts[block_size] = measure(model, block_size)
+            base = starts[block_size]
+            print(f"start (block {block_size}): held-out accuracy {base['accuracy']:.3f} (sampled "
+                  f"{base['sampled']['accuracy']:.3f}), TPF {base['tokens_per_forward']:.2f}; e.g. "
+                  f"{base['examples'][:2]}", flush=True)
+        base_point = {k: v for k, v in starts[block_size].items() if k != "examples"}
+        print(f"RL run {name}: {estimator} estimator, block {block_size}, {args.steps} steps", flush=True)
+        runs[name] = run_rl(name, estimator, block_size, start_state, model, tokenizer, task, train_rows, measure,
+                            base_point, args, out)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
@@ -217,7 +237,7 @@ def main() -> int:
     results = {
         "task": task.name, "task_options": parse_task_options(args.task_option), "start": description,
         "sft_steps": args.sft_steps, "sft_seconds": sft_seconds, "block_size": model.config.block_size,
-        "start_eval": base, "estimators": runs,
+        "start_eval": {str(block): point for block, point in starts.items()}, "runs": runs,
         "command": " ".join(["python", *sys.argv]), "args": vars(args),
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
@@ -230,17 +250,16 @@ def main() -> int:
 
 
 def print_table(results):
-    start = results["start_eval"]
     temperature = results["args"]["temperature"]
-    print(f"\n{'':<10} {'held-out acc':>12} {'mean reward':>12} {'TPF':>6} {f'acc T={temperature:g}':>10} "
+    print(f"\n{'run':<10} {'':<6} {'held-out acc':>12} {'mean reward':>12} {'TPF':>6} {f'acc T={temperature:g}':>10} "
           f"{f'reward T={temperature:g}':>12} {'RL seconds':>11}")
-    rows = [("start", start, "")] + [(name, run["final"], f"{run['train_seconds']:.0f}")
-                                     for name, run in results["estimators"].items()]
-    for name, point, seconds in rows:
-        sampled = point.get("sampled", {})
-        print(f"{name:<10} {point['accuracy']:>12.3f} {point['mean_reward']:>12.3f} {point['tokens_per_forward']:>6.2f} "
-              f"{sampled.get('accuracy', float('nan')):>10.3f} {sampled.get('mean_reward', float('nan')):>12.3f} "
-              f"{seconds:>11}")
+    for name, run in results["runs"].items():
+        for label, point, seconds in (("start", run["start"], ""), ("after", run["final"],
+                                                                   f"{run['train_seconds']:.0f}")):
+            sampled = point.get("sampled", {})
+            print(f"{name:<10} {label:<6} {point['accuracy']:>12.3f} {point['mean_reward']:>12.3f} "
+                  f"{point['tokens_per_forward']:>6.2f} {sampled.get('accuracy', float('nan')):>10.3f} "
+                  f"{sampled.get('mean_reward', float('nan')):>12.3f} {seconds:>11}")
 
 
 def plot(results, path):
@@ -249,16 +268,23 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, run in results["estimators"].items():
-        left.plot([r["step"] for r in run["reward"]], [r["reward"] for r in run["reward"]], label=name)
-        right.plot([p["step"] for p in run["held_out_curve"]], [p["accuracy"] for p in run["held_out_curve"]],
-                   marker="o", label=name)
-    left.set(title=f"training reward ({results['task']}, rollouts at T={results['args']['temperature']})",
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.5))
+    temperature = results["args"]["temperature"]
+    for name, run in results["runs"].items():
+        rewards = [r["reward"] for r in run["reward"]]
+        window = max(1, len(rewards) // 10)  # a running mean: one step's reward is a noisy 16-prompt sample
+        smoothed = [sum(rewards[max(0, i - window + 1):i + 1]) / len(rewards[max(0, i - window + 1):i + 1])
+                    for i in range(len(rewards))]
+        left.plot([r["step"] for r in run["reward"]], smoothed, label=name)
+        steps = [p["step"] for p in run["held_out_curve"]]
+        middle.plot(steps, [p["accuracy"] for p in run["held_out_curve"]], marker="o", label=name)
+        right.plot(steps, [p["sampled"]["accuracy"] for p in run["held_out_curve"]], marker="o", label=name)
+    left.set(title=f"training reward ({results['task']}, rollouts at T={temperature:g}; running mean)",
              xlabel="step", ylabel="mean reward")
-    right.set(title="held-out accuracy (greedy, threshold "
-              f"{results['args']['threshold']})", xlabel="step", ylabel="accuracy")
-    for axis in (left, right):
+    middle.set(title=f"held-out accuracy, greedy (threshold {results['args']['threshold']})", xlabel="step",
+               ylabel="accuracy")
+    right.set(title=f"held-out accuracy, sampled at T={temperature:g}", xlabel="step", ylabel="accuracy")
+    for axis in (left, middle, right):
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()

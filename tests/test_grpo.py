@@ -24,7 +24,7 @@ from efficient_dlm.training import (  # noqa: E402
     sequence_log_likelihood,
     sft_row,
 )
-from efficient_dlm.training.grpo import SUPPORTED_TRL, quadrature_nodes  # noqa: E402
+from efficient_dlm.training.grpo import SUPPORTED_TRL, decoding_trace, quadrature_nodes  # noqa: E402
 from efficient_dlm.training.tasks import character_tokenizer, get_task  # noqa: E402
 
 PAD, EOS, MASK = 0, 2, 3  # character_tokenizer(): <pad> <s> </s> <|mask|>
@@ -194,6 +194,108 @@ def test_with_the_token_shift_a_blocks_first_token_is_scored_from_the_clean_prev
     assert ((d1 != 0) == mask[:, -width:].bool()).all()  # every completion token scored (EOS too), no padding
 
 
+def eos_prone(model, bias=3.0):
+    """The model with `bias` added to its EOS logit (a forward hook): random tiny models then end rows mid-block."""
+    def add_bias(module, inputs, logits):
+        return logits.index_add(-1, torch.tensor([EOS], device=logits.device),
+                                torch.full((*logits.shape[:-1], 1), bias, dtype=logits.dtype, device=logits.device))
+
+    model.lm_head.register_forward_hook(add_bias)
+    return model
+
+
+def sampled_rollouts(model, prompts, block_size, threshold=0.015, max_new_tokens=10, seed=0):
+    """Sampled diffusion rollouts of left-padded prompts: (completions cut after EOS, decoding_trace, output)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, block_size=block_size,
+                            threshold=threshold, do_sample=True, temperature=1.0, eos_token_id=EOS, pad_token_id=PAD,
+                            return_dict_in_generate=True, output_history=True,
+                            generator=torch.Generator().manual_seed(seed))
+    completions = [row[: next((i + 1 for i, t in enumerate(row) if t == EOS), len(row))]
+                   for row in output.sequences[:, width:].tolist()]
+    return completions, decoding_trace(output.history, MASK, block_size), output
+
+
+def trace_features(completions, steps, block_size) -> set:
+    """What a set of rollouts exercises: 'parallel' (two tokens of a block committed in one step) and 'tail' (a
+    position after EOS decoded before a token of the completion, which then saw it)."""
+    features = set()
+    for row, completion in enumerate(completions):
+        for start in range(0, len(completion), block_size):
+            real = steps[row, start:min(start + block_size, len(completion))].tolist()
+            tail = steps[row, start + len(real):start + block_size].tolist()
+            if len(set(real)) < len(real):
+                features.add("parallel")
+            if any(0 < s < max(real) for s in tail):
+                features.add("tail")
+    return features
+
+
+def replayed_log_likelihood(model, prompt, length, history, row, block_size, shift_logits) -> float:
+    """sum_j log p(c_j | the decoder state c_j was committed from), straight from generate()'s history (no
+    decoding_trace, no bd3 layout, no estimator code): per denoising step, the tokens of the first `length` that it
+    unmasked, scored by a plain forward of the prompt and the completion as it stood before the step, up to the end
+    of the block being decoded. With the shift a block's first token is read from the clean prefix's last logit."""
+    total, offset = 0.0, -len(prompt) % block_size
+    before = torch.full_like(history[0][row], MASK)
+    with torch.no_grad():
+        for state in history:
+            after = state[row]
+            new = ((before == MASK) & (after != MASK)).nonzero().flatten().tolist()
+            new = [j for j in new if j < length]
+            if new:
+                end = (new[0] // block_size + 1) * block_size
+                log_probs = torch.log_softmax(model(torch.tensor([prompt + before[:end].tolist()]),
+                                                    block_offset=offset).logits[0].float(), -1)
+                total += sum(log_probs[len(prompt) + j - (1 if shift_logits else 0), after[j]].item() for j in new)
+            before = after
+    return total
+
+
+@pytest.mark.parametrize("shift_logits", [False, True])
+def test_the_trace_estimate_is_each_tokens_log_probability_in_the_state_it_was_decoded_from(shift_logits):
+    """The trace estimator is exact: replaying the rollout's steps one forward at a time gives the same sum."""
+    block_size = 4
+    model = eos_prone(tiny_task_model(block_size=block_size, shift_logits=shift_logits, seed=1).eval())
+    prompts = [[10, 11, 12, 13, 14], [15, 16], [17, 18, 19], [20, 21, 22, 23], [24, 25], [26, 27, 28]]
+    completions, (tokens, steps), output = sampled_rollouts(model, prompts, block_size)
+    assert trace_features(completions, steps, block_size) == {"parallel", "tail"}
+    assert any(len(c) > block_size for c in completions)  # later blocks (with the shift: first tokens' clean logit)
+    ids, mask, width = trl_batch(prompts, completions)
+    expected = [replayed_log_likelihood(model, p, len(c), output.history, r, block_size, shift_logits)
+                for r, (p, c) in enumerate(zip(prompts, completions))]
+    with torch.no_grad():
+        trace = sequence_log_likelihood(model, ids, mask, width, mask_token_id=MASK, block_size=block_size,
+                                        estimator="trace", trace_tokens=tokens, trace_steps=steps,
+                                        shift_logits=shift_logits)
+    assert trace.sum(-1).tolist() == pytest.approx(expected, abs=1e-4)
+    assert ((trace != 0) == mask[:, -width:].bool()).all()  # every completion token scored once, no padding
+    with pytest.raises(RuntimeError, match="does not match the completions"):
+        sequence_log_likelihood(model, ids, mask, width, mask_token_id=MASK, block_size=block_size,
+                                estimator="trace", trace_tokens=tokens.flip(0), trace_steps=steps.flip(0))
+
+
+def test_decoding_trace_gives_each_position_its_step_within_its_block():
+    block_size = 4
+    model = eos_prone(tiny_task_model(block_size=block_size, seed=2).eval())
+    prompts = [[10, 11, 12], [13, 14, 15, 16, 17], [18, 19]]
+    completions, (tokens, steps), output = sampled_rollouts(model, prompts, block_size, max_new_tokens=12)
+    for row, completion in enumerate(completions):
+        assert tokens[row, :len(completion)].tolist() == completion
+        decoded = -(-len(completion) // block_size) * block_size
+        assert (steps[row, :decoded] > 0).all()
+        for start in range(0, len(completion), block_size):
+            block_steps = set(steps[row, start:start + block_size].tolist())
+            assert min(block_steps) == 1 and block_steps <= set(range(1, block_size + 1))
+    # Each step of a block commits at least one token; the steps the rows took are generate()'s forwards.
+    assert max(int(steps[r].max()) for r in range(len(prompts))) <= output.nfe
+    with pytest.raises(ValueError, match="the trace estimator needs the decoding trace"):
+        ids, mask, width = trl_batch(prompts, completions)
+        sequence_log_likelihood(model, ids, mask, width, mask_token_id=MASK, block_size=block_size, estimator="trace")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------------------------------
@@ -213,12 +315,14 @@ def test_trainer_rolls_out_with_diffusion_generate_and_never_the_fused_lm_head(t
     assert trainer._metrics["train"]["diffusion/tokens_per_forward"][-1] > 0  # logged per rollout batch
 
 
-def test_the_gradient_flows_only_through_the_new_policy(tmp_path):
+@pytest.mark.parametrize("estimator", ["elbo", "trace"])
+def test_the_gradient_flows_only_through_the_new_policy(tmp_path, estimator):
     """With 2 iterations TRL scores the old policy at generation time; at the same weights the ratio is 1 and the
     loss gradient must be exactly that of -mean_i(A_i * L_i / |c_i|), L_i the new policy's estimate on the same
-    masks: the old estimate, the advantages and the masks carry no gradient."""
+    masks (or decoding trace): the old estimate, the advantages and the masks carry no gradient."""
     model = tiny_task_model()
-    trainer = trainer_for(model, tmp_path, num_iterations=2, gradient_accumulation_steps=1, steps_per_generation=1)
+    trainer = trainer_for(model, tmp_path, num_iterations=2, gradient_accumulation_steps=1, steps_per_generation=1,
+                          likelihood_estimator=estimator)
     task = get_task("addition", digits=1)
     rows = [dict(row) for row in task.make_rows(2, seed=3) for _ in range(4)]
     model.train()
@@ -234,7 +338,9 @@ def test_the_gradient_flows_only_through_the_new_policy(tmp_path):
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     estimate = sequence_log_likelihood(model, input_ids, attention_mask, batch["completion_ids"].shape[1],
-                                       mask_token_id=MASK, block_size=4, mask_seeds=batch["mask_seeds"])
+                                       mask_token_id=MASK, block_size=4, estimator=estimator,
+                                       mask_seeds=batch["mask_seeds"], trace_tokens=batch.get("trace_tokens"),
+                                       trace_steps=batch.get("trace_steps"))
     lengths = batch["completion_mask"].sum(-1)
     old = batch["old_per_token_logps"].sum(-1)
     assert torch.allclose(estimate.detach().sum(-1), old, atol=1e-5)  # same masks for old and new
@@ -344,7 +450,7 @@ def test_a_model_without_mask_token_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"num_generations": 1}, r"num_generations must be an integer >= 2 .*got 1"),
-    ({"likelihood_estimator": "exact"}, r"likelihood_estimator must be one of \('elbo', 'd1'\), got 'exact'"),
+    ({"likelihood_estimator": "exact"}, r"likelihood_estimator must be one of \('elbo', 'd1', 'trace'\), got 'exact'"),
     ({"quadrature_nodes": 0}, r"quadrature_nodes must be an integer >= 1, got 0"),
     ({"threshold": 0.0}, r"threshold must be in \(0, 1\], got 0.0"),
     ({"block_size": 0}, r"block_size must be an integer >= 1 or None, got 0"),
@@ -386,7 +492,8 @@ HELD_OUT = 128
 REWARD_MARGIN = 0.05
 
 
-def test_rl_raises_the_held_out_reward_of_a_tiny_model_taught_a_task(tmp_path):
+@pytest.mark.parametrize("estimator", ["elbo", "trace"])
+def test_rl_raises_the_held_out_reward_of_a_tiny_model_taught_a_task(tmp_path, estimator):
     torch.manual_seed(0)
     tokenizer = character_tokenizer()
     task = get_task("addition", digits=1)
@@ -403,7 +510,8 @@ def test_rl_raises_the_held_out_reward_of_a_tiny_model_taught_a_task(tmp_path):
     before = evaluate_on_task(model, tokenizer, task, held_out, max_new_tokens=12, block_size=4)
 
     args = grpo_config(tmp_path, max_steps=RL_STEPS, num_generations=8, per_device_train_batch_size=32,
-                       learning_rate=3e-4, lr_scheduler_type="constant", logging_steps=25, temperature=1.0)
+                       learning_rate=3e-4, lr_scheduler_type="constant", logging_steps=25, temperature=1.0,
+                       likelihood_estimator=estimator)
     trainer = DiffusionGRPOTrainer(model, reward_funcs=task.reward, args=args,
                                    train_dataset=task.make_dataset(4096, seed=5), processing_class=tokenizer)
     started = time.perf_counter()
@@ -451,6 +559,6 @@ def test_efficient_dlm_rl_trains_measures_and_writes_a_checkpoint(tmp_path, caps
     assert "efficient-dlm rl: error: task must be one of ['addition', 'countdown', 'sorting'], got 'chess'" in \
         capsys.readouterr().err
     assert main(["rl", *common, "--output", str(tmp_path / "bad"), "--estimator", "exact"]) == 2
-    assert "likelihood_estimator must be one of ('elbo', 'd1'), got 'exact'" in capsys.readouterr().err
+    assert "likelihood_estimator must be one of ('elbo', 'd1', 'trace'), got 'exact'" in capsys.readouterr().err
     assert main(["rl", *common, "--output", str(tmp_path / "bad"), "--task-option", "digits"]) == 2
     assert "--task-option must look like KEY=VALUE, got 'digits'" in capsys.readouterr().err

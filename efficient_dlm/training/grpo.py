@@ -42,7 +42,7 @@ import functools
 import inspect
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ from trl.models import unwrap_model_for_generation
 from .masking import draw_independent_masks, num_grid_blocks, seeded_uniforms
 from .objective import lay_out_noised_batch, masked_token_log_likelihoods
 
-LIKELIHOOD_ESTIMATORS = ("elbo", "d1")
+LIKELIHOOD_ESTIMATORS = ("elbo", "d1", "trace")
 # The TRL releases whose private methods this trainer overrides (tests/test_grpo.py checks their signatures).
 SUPPORTED_TRL = ">=1.16,<1.17"
 
@@ -77,6 +77,8 @@ def sequence_log_likelihood(
     num_nodes: int = 2,
     mask_seeds: torch.Tensor | list[int] | None = None,
     antithetic: bool = True,
+    trace_tokens: torch.Tensor | None = None,
+    trace_steps: torch.Tensor | None = None,
     temperature: float = 1.0,
     shift_logits: bool = False,
     compute_entropy: bool = False,
@@ -87,15 +89,18 @@ def sequence_log_likelihood(
         input_ids: `[rows, P + C]`, the left-padded prompts then the right-padded completions (TRL's layout).
         attention_mask: `[rows, P + C]`, 0 on padding.
         completion_length: C, the completion columns at the end.
-        estimator: "elbo" (quadrature ELBO, needs `mask_seeds`) or "d1" (one step, every completion token masked).
+        estimator: "elbo" (quadrature ELBO, needs `mask_seeds`), "d1" (one step, every completion token masked) or
+            "trace" (each token scored in the state the decoder committed it from, needs `trace_tokens`/`_steps`).
         num_nodes: quadrature nodes over t (elbo).
         mask_seeds: one integer per row; a row's masks depend on its seed only.
         antithetic: odd quadrature nodes mask with the previous node's uniforms mirrored (u -> 1 - u).
+        trace_tokens, trace_steps: `[rows, W >= C]` from `decoding_trace` (trace): the decoded blocks' tokens,
+            EOS-block tail included, and the denoising step within its block that unmasked each position.
         temperature: logits are divided by it (the distribution the rollouts were sampled from).
         shift_logits: the model's `config.shift_logits` (logit i scores token i + 1).
     Returns:
         float32 `[rows, C]` whose row sums are the estimates (0 on padding); with `compute_entropy`, also the
-        predictive entropy at each completion position (averaged over the nodes where it was masked).
+        predictive entropy at each completion position (averaged over the copies that scored it).
     """
     if estimator not in LIKELIHOOD_ESTIMATORS:
         raise ValueError(f"likelihood_estimator must be one of {LIKELIHOOD_ESTIMATORS}, got {estimator!r}")
@@ -103,18 +108,28 @@ def sequence_log_likelihood(
     prompt_width = width - completion_length
     device = input_ids.device
     completion_mask = attention_mask[:, prompt_width:].bool()
+    if estimator == "trace":
+        if trace_tokens is None or trace_steps is None or len(trace_tokens) != rows \
+                or trace_tokens.shape[1] < completion_length:
+            raise ValueError(f"the trace estimator needs the decoding trace of every row ({rows} rows, at least "
+                             f"{completion_length} columns), got "
+                             f"{None if trace_tokens is None else tuple(trace_tokens.shape)}")
+        return _trace_log_likelihood(
+            model, input_ids, attention_mask, completion_length, trace_tokens.to(device), trace_steps.to(device),
+            mask_token_id=mask_token_id, block_size=block_size, temperature=temperature, shift_logits=shift_logits,
+            compute_entropy=compute_entropy,
+        )
     maskable = torch.zeros(rows, width, dtype=torch.bool, device=device)
     maskable[:, prompt_width:] = completion_mask
     if estimator == "d1":
-        noise_levels, weights = [1.0], [1.0]
-        masked = [maskable]
+        masked, weights = [maskable], [maskable.float()]
     else:
         if mask_seeds is None or len(mask_seeds) != rows:
             raise ValueError(f"the elbo estimator needs one mask seed per row ({rows}), got "
                              f"{None if mask_seeds is None else len(mask_seeds)}")
-        noise_levels, weights = quadrature_nodes(num_nodes)
+        noise_levels, node_weights = quadrature_nodes(num_nodes)
         uniforms = seeded_uniforms(mask_seeds, num_nodes, completion_length, device=device)
-        masked = []
+        masked, weights = [], []
         for node, t in enumerate(noise_levels):
             node_uniforms = uniforms[:, node]
             if antithetic and node % 2:
@@ -125,27 +140,85 @@ def sequence_log_likelihood(
             node_masked = torch.zeros_like(maskable)
             node_masked[:, prompt_width:] = draw_independent_masks(completion_mask, t, node_uniforms)
             masked.append(node_masked)
+            # Quadrature weight times the ELBO's 1/t: unbiased per node for the sum over the completion's tokens.
+            weights.append(node_masked.float() * (node_weights[node] / t))
+    return _score_noised_copies(model, input_ids, attention_mask, prompt_width, torch.cat(masked), torch.cat(weights),
+                                mask_token_id=mask_token_id, block_size=block_size, temperature=temperature,
+                                shift_logits=shift_logits, compute_entropy=compute_entropy)
 
+
+def _trace_log_likelihood(model, input_ids, attention_mask, completion_length, trace_tokens, trace_steps, *,
+                          mask_token_id, block_size, temperature, shift_logits, compute_entropy):
+    """The exact log-probability of each token given the decoder state it was committed from.
+
+    Copy s of the batch shows, in every block, the positions unmasked before step s of that block and scores the
+    tokens committed at step s: all steps of all blocks in one forward, max-steps-per-block copies. The tail of an
+    EOS block (positions after EOS, decoded alongside or padded at the end) is attended as the decoder saw it."""
+    rows, width = input_ids.shape
+    prompt_width = width - completion_length
+    device = input_ids.device
+    lengths = attention_mask[:, prompt_width:].sum(-1)
+    trace_width = trace_tokens.shape[1]
+    # The decoded region of a row: the blocks its completion touches (completions start on a block boundary).
+    decoded = torch.clamp(-(-lengths // block_size) * block_size, max=trace_width)
+    column = torch.arange(trace_width, device=device)
+    real = column[None, :] < lengths[:, None]
+    region = column[None, :] < decoded[:, None]
+    completion = input_ids[:, prompt_width:]
+    if not torch.equal(trace_tokens[:, :completion_length][real[:, :completion_length]],
+                       completion[real[:, :completion_length]]):
+        raise RuntimeError("the decoding trace does not match the completions being scored (rows out of order?)")
+    ids = torch.cat([input_ids[:, :prompt_width], torch.where(region, trace_tokens, mask_token_id)], 1)
+    mask = torch.cat([attention_mask[:, :prompt_width], region.to(attention_mask.dtype)], 1)
+    steps = torch.where(region, trace_steps, 0)
+    copies = int(torch.where(real, steps, 0).max().item()) if real.any() else 1
+    masked, weights = [], []
+    for step in range(1, copies + 1):
+        hidden = region & ~((steps > 0) & (steps < step))  # still masked when step `step` of its block ran
+        copy_masked = torch.zeros(rows, prompt_width + trace_width, dtype=torch.bool, device=device)
+        copy_masked[:, prompt_width:] = hidden
+        copy_weights = torch.zeros(copy_masked.shape, dtype=torch.float32, device=device)
+        copy_weights[:, prompt_width:] = (real & (steps == step)).float()
+        masked.append(copy_masked)
+        weights.append(copy_weights)
+    result = _score_noised_copies(model, ids, mask, prompt_width, torch.cat(masked), torch.cat(weights),
+                                  mask_token_id=mask_token_id, block_size=block_size, temperature=temperature,
+                                  shift_logits=shift_logits, compute_entropy=compute_entropy)
+    if compute_entropy:
+        return tuple(part[:, :completion_length] for part in result)
+    return result[:, :completion_length]
+
+
+def _score_noised_copies(model, input_ids, attention_mask, prompt_width, masked, weights, *, mask_token_id,
+                         block_size, temperature, shift_logits, compute_entropy):
+    """Score `copies` noised versions of a batch in one forward over the `bd3` layout.
+
+    `masked`, `weights`: `[copies * rows, width]`, copy-major: which completion positions each copy replaces by the
+    mask token, and the weight of each scored token's log-probability (0: not scored in that copy). Returns the
+    completion's per-position sums over copies `[rows, C]` (and with `compute_entropy`, the predictive entropy
+    averaged over the copies that scored a position)."""
+    rows, width = input_ids.shape
+    completion_length = width - prompt_width
+    device = input_ids.device
+    copies = masked.shape[0] // rows
     # With the token shift, the first token of a block after the first is read at decode time from the last position
     # of the *clean* previous block (generate() keeps that logit for the whole block), never from a noisy copy of
     # it. A copy with nothing masked gives those logits: its noisy half sees exactly the clean prefix. Completions
     # start on a block boundary, so it is needed only when they span more than one block.
     clean_copy = shift_logits and completion_length > block_size
     if clean_copy:
-        masked.append(torch.zeros_like(maskable))
-        noise_levels, weights = [*noise_levels, 1.0], [*weights, 0.0]
-    # All nodes in one forward: the batch repeated once per node, each copy with its own masks and noise level.
-    copies = len(noise_levels)
+        masked = torch.cat([masked, torch.zeros_like(masked[:rows])])
+        weights = torch.cat([weights, torch.zeros_like(weights[:rows])])
+    forwarded = copies + (1 if clean_copy else 0)
     # Each row's blocks end where its prompt ends, as generate() laid them out (logical positions skip padding).
     block_offset = (-attention_mask[:, :prompt_width].sum(-1)) % block_size
-    grid_blocks = num_grid_blocks(width, block_size)
-    node_levels = torch.tensor(noise_levels, dtype=torch.float32, device=device)
     noised = lay_out_noised_batch(
-        input_ids.repeat(copies, 1), torch.cat(masked), node_levels.repeat_interleave(rows)[:, None].expand(
-            copies * rows, grid_blocks),
-        mask_token_id=mask_token_id, block_size=block_size, attention_mask=attention_mask.repeat(copies, 1),
-        block_offset=block_offset.repeat(copies), weighting="elbo", attention="bd3",
+        input_ids.repeat(forwarded, 1), masked,
+        torch.ones(forwarded * rows, num_grid_blocks(width, block_size), device=device),
+        mask_token_id=mask_token_id, block_size=block_size, attention_mask=attention_mask.repeat(forwarded, 1),
+        block_offset=block_offset.repeat(forwarded), weighting="none", attention="bd3",
     )
+    noised = replace(noised, weights=weights)
     # Only the completion's logits (and, with the shift, the prompt's last one, which scores the first token).
     keep = completion_length + (1 if shift_logits else 0)
     logits = model(**noised.model_inputs(), logits_to_keep=keep).logits
@@ -154,42 +227,46 @@ def sequence_log_likelihood(
     if clean_copy:
         # Logit column j scores completion token j; columns b, 2b, ... (the blocks' first tokens) from the clean copy.
         starts = torch.arange(block_size, completion_length, block_size, device=device)
-        nodes = copies - 1
-        logits = logits.view(copies, rows, keep, -1)
-        node_logits = logits[:nodes].clone()
-        node_logits[:, :, starts] = logits[nodes:, :, starts]
-        logits = node_logits.view(nodes * rows, keep, -1)
-        noised = _first_rows(noised, nodes * rows)
-        copies = nodes
-        weights = weights[:nodes]
-    window = _last_columns(noised, keep)
+        logits = logits.view(forwarded, rows, keep, -1)
+        copy_logits = logits[:copies].clone()
+        copy_logits[:, :, starts] = logits[copies:, :, starts]
+        logits = copy_logits.view(copies * rows, keep, -1)
+        noised = replace(noised, targets=noised.targets[:copies * rows], masked=noised.masked[:copies * rows],
+                         weights=noised.weights[:copies * rows])
+    window = replace(noised, targets=noised.targets[:, -keep:], masked=noised.masked[:, -keep:],
+                     weights=noised.weights[:, -keep:])
     scored = masked_token_log_likelihoods(logits, window, shift_logits, compute_entropy=compute_entropy)
     per_position, entropies = scored if compute_entropy else (scored, None)
-    node_weights = torch.tensor(weights, dtype=torch.float32, device=device).view(copies, 1, 1)
     per_position = per_position[:, -completion_length:].reshape(copies, rows, completion_length)
-    contributions = (per_position * node_weights).sum(0)
+    contributions = per_position.sum(0)
     if not compute_entropy:
         return contributions
-    node_masked = window.masked[:, -completion_length:].reshape(copies, rows, completion_length).float()
+    counted = (window.weights[:, -completion_length:] > 0).reshape(copies, rows, completion_length).float()
     entropies = entropies[:, -completion_length:].reshape(copies, rows, completion_length)
-    entropy = (entropies * node_masked).sum(0) / node_masked.sum(0).clamp(min=1.0)
+    entropy = (entropies * counted).sum(0) / counted.sum(0).clamp(min=1.0)
     return contributions, entropy.detach()
 
 
-def _first_rows(noised, count: int):
-    """The noised batch's per-token fields cut to their first `count` rows (the clean copy dropped)."""
-    from dataclasses import replace
+def decoding_trace(history, mask_token_id: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order in which `generate(..., output_history=True)` decoded each row: `(tokens, steps)`, `[rows, W]`.
 
-    return replace(noised, targets=noised.targets[:count], masked=noised.masked[:count],
-                   weights=noised.weights[:count])
-
-
-def _last_columns(noised, count: int):
-    """The noised batch's per-token fields cut to their last `count` columns (the positions whose logits exist)."""
-    from dataclasses import replace
-
-    return replace(noised, targets=noised.targets[:, -count:], masked=noised.masked[:, -count:],
-                   weights=noised.weights[:, -count:])
+    `history` holds the completion after every denoising step (the mask token where undecoded). `tokens[r, j]` is
+    what position j held when it was first unmasked: the completion, and in the tail of its EOS block the tokens the
+    decoder committed there before the row ended (it pads them once EOS is final, at the row's last commit, so only
+    the first value was ever seen by a real token). `steps[r, j]` is the 1-based index, within its block, of the
+    step that unmasked position j (0 where nothing was decoded). Completions start on a block boundary, so blocks
+    are columns [k * block_size, (k + 1) * block_size)."""
+    states = torch.stack([state.to(history[-1].device) for state in history])  # [steps, rows, W]
+    unmasked = states != mask_token_id
+    first_index = unmasked.to(torch.uint8).argmax(0)  # the (0-based) step that unmasked each position
+    tokens = states.gather(0, first_index[None]).squeeze(0)
+    first = torch.where(unmasked.any(0), first_index + 1, 0)
+    rows, width = first.shape
+    blocks = torch.nn.functional.pad(first, (0, -width % block_size)).view(rows, -1, block_size)
+    # A block's first step commits at least one token, so the block's smallest step is the step it started at.
+    started = torch.where(blocks > 0, blocks, len(history) + 1).min(-1, keepdim=True).values
+    steps = torch.where(blocks > 0, blocks - started + 1, 0).view(rows, -1)[:, :width]
+    return tokens, steps
 
 
 @dataclass
@@ -231,7 +308,7 @@ class DiffusionGRPOConfig(GRPOConfig):
         if self.importance_sampling_level == "token" and self.likelihood_estimator == "elbo":
             raise ValueError("importance_sampling_level must be 'sequence' with likelihood_estimator='elbo': its "
                              "per-position terms are parts of one sequence estimate, not token log-probabilities "
-                             "('token' is allowed with 'd1')")
+                             "('token' is allowed with 'd1' and 'trace')")
         if self.use_vllm:
             raise ValueError("use_vllm must be False: vLLM cannot decode block-diffusion models; rollouts use the "
                              "model's own generate()")
@@ -288,6 +365,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         reward_funcs = [_checked_reward(f) for f in (reward_funcs if isinstance(reward_funcs, list)
                                                      else [] if reward_funcs is None else [reward_funcs])]
         self._mask_seeds = None  # seeds of the rows being scored (set before every estimator call)
+        self._trace = None  # (tokens, steps) of the rows being scored, trace estimator
         # Per process, so that data-parallel ranks do not draw the same masks for their different rollouts.
         self._mask_seed_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + args.process_index)
         super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
@@ -323,8 +401,12 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             output = unwrapped_model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_completion_length,
                 block_size=self.block_size, threshold=self.args.threshold, eos_token_id=list(self.eos_token_ids),
-                pad_token_id=pad_id, return_dict_in_generate=True, **sampling,
+                pad_token_id=pad_id, return_dict_in_generate=True, output_history=self.likelihood_estimator == "trace",
+                **sampling,
             )
+        if self.likelihood_estimator == "trace":
+            # In rollout order: TRL scores the old and reference policies on these rows before it shuffles them.
+            self._trace = decoding_trace(output.history, self.mask_token_id, self.block_size)
         self._metrics[mode]["diffusion/tokens_per_forward"].append(float(output.tokens_per_forward))
         self._metrics[mode]["diffusion/nfe"].append(float(output.nfe))
         eos = set(self.eos_token_ids)
@@ -337,23 +419,29 @@ class DiffusionGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         # Every rollout gets a mask seed before TRL scores it (old / reference policy, inside super()); the seed
         # travels with the row through TRL's shuffle and split, and `_compute_loss` scores the new policy with it.
+        # With the trace estimator, the rollouts' decoding order travels the same way (set by _generate_single_turn).
         seeds = torch.randint(0, 2**62, (len(inputs),), generator=self._mask_seed_generator)
         self._mask_seeds = seeds
         try:
             output = super()._generate_and_score_completions(inputs)
+            device = output["completion_ids"].device
+            output["mask_seeds"] = seeds.to(device)
+            if self.likelihood_estimator == "trace":
+                output["trace_tokens"], output["trace_steps"] = (part.to(device) for part in self._trace)
         finally:
-            self._mask_seeds = None
-        output["mask_seeds"] = seeds.to(output["completion_ids"].device)
+            self._mask_seeds = self._trace = None
         return output
 
     # -- the likelihood ----------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
         self._mask_seeds = inputs["mask_seeds"]
+        if self.likelihood_estimator == "trace":
+            self._trace = (inputs["trace_tokens"], inputs["trace_steps"])
         try:
             return super()._compute_loss(model, inputs)
         finally:
-            self._mask_seeds = None
+            self._mask_seeds = self._trace = None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
@@ -362,10 +450,12 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             raise ValueError("multimodal inputs are not supported by the diffusion GRPO trainer")
         if compute_aux_loss:
             raise ValueError("the MoE auxiliary loss is not supported by the diffusion GRPO trainer")
-        seeds = self._mask_seeds
-        if seeds is None and self.likelihood_estimator == "elbo":
-            raise RuntimeError("no mask seeds for the rows being scored: the elbo estimator is called from "
-                               "_generate_and_score_completions or _compute_loss only")
+        seeds, trace = self._mask_seeds, self._trace
+        if (seeds is None and self.likelihood_estimator == "elbo") or (
+                trace is None and self.likelihood_estimator == "trace"):
+            raise RuntimeError(f"no mask seeds or decoding trace for the rows being scored: the "
+                               f"{self.likelihood_estimator} estimator is called from _generate_and_score_completions "
+                               f"or _compute_loss only")
         batch_size = batch_size or input_ids.shape[0]
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.shape[0], batch_size):
@@ -376,6 +466,8 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                     mask_token_id=self.mask_token_id, block_size=self.block_size,
                     estimator=self.likelihood_estimator, num_nodes=self.num_quadrature_nodes,
                     mask_seeds=None if seeds is None else seeds[start:end], antithetic=self.antithetic_masks,
+                    trace_tokens=None if trace is None else trace[0][start:end],
+                    trace_steps=None if trace is None else trace[1][start:end],
                     temperature=self.temperature or 1.0,
                     shift_logits=self.shift_logits, compute_entropy=compute_entropy,
                 )
@@ -490,6 +582,7 @@ __all__ = [
     "SUPPORTED_TRL",
     "DiffusionGRPOConfig",
     "DiffusionGRPOTrainer",
+    "decoding_trace",
     "encode_prompts",
     "evaluate_on_task",
     "quadrature_nodes",
