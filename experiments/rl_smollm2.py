@@ -18,6 +18,7 @@ accuracy over steps, every run) into --out.
 Earlier H100 runs (ELBO and d1 only; experiments/results/rl_smollm2_run1.json, rl_smollm2.json,
 rl_smollm2_run3.json): at lr 1e-5, 3e-6 and 1e-6 both lowered held-out accuracy while tokens per forward rose.
     python experiments/rl_smollm2.py --out /tmp/smoke --steps 2 --eval-n 4 --sft-steps 2   # CPU smoke run
+    python experiments/rl_smollm2.py --out DIR --merge A/rl_smollm2.json B/rl_smollm2.json   # runs of two calls
 """
 
 import argparse
@@ -124,10 +125,17 @@ def run_rl(name, estimator, block_size, start_state, model, tokenizer, task, tra
            out):
     model.load_state_dict(start_state)
     model.train()
+    rollouts = args.prompts_per_step * args.num_generations
+    if rollouts % args.micro_batch or args.micro_batch % args.num_generations:
+        raise SystemExit(f"--micro-batch {args.micro_batch} must divide the {rollouts} rollouts of a step and be a "
+                         f"multiple of --num-generations {args.num_generations}")
     config = DiffusionGRPOConfig(
         output_dir=str(out / f"grpo-{name}"), max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="constant_with_warmup", warmup_steps=max(1, args.steps // 10),
-        per_device_train_batch_size=args.prompts_per_step * args.num_generations, num_generations=args.num_generations,
+        # The step's rollouts are generated at once and scored in micro-batches (TRL's steps_per_generation follows
+        # the accumulation): one optimiser step per rollout batch, as on-policy as one big batch.
+        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=rollouts // args.micro_batch,
+        num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, temperature=args.temperature, threshold=args.threshold,
         block_size=block_size, likelihood_estimator=estimator, beta=0.0, bf16=DEVICE == "cuda",
         logging_steps=1, save_strategy="no", report_to=[], seed=args.seed, disable_tqdm=True,
@@ -172,6 +180,8 @@ def main() -> int:
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated ESTIMATOR[@BLOCK] (default: %(default)s)")
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=32,
+                        help="rollouts per scoring forward (the trace estimator forwards up to block-size copies)")
     parser.add_argument("--max-completion-length", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-6,
                         help="RL learning rate (full fine-tuning; 1e-5 made held-out accuracy fall on the H100)")
@@ -181,7 +191,12 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="run nothing: merge the rl_smollm2.json of calls that differ only in --runs into --out")
     args = parser.parse_args()
+    if args.merge:
+        print_table(merge(args.merge, Path(args.out)))
+        return 0
     if args.task_option is None:
         args.task_option = ["digits=3"] if args.task == "addition" else []
     if args.sft_steps is None:
@@ -247,6 +262,28 @@ def main() -> int:
     plot(results, out / "rl_smollm2.png")
     print_table(results)
     return 0
+
+
+def merge(paths: list[str], out: Path) -> dict:
+    """One result from runs made by separate calls of this script with the same settings (each call must fit one
+    10-minute GPU command): the runs side by side, every command recorded."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    settings = [{k: v for k, v in part["args"].items() if k not in ("runs", "out")} for part in parts]
+    if any(setting != settings[0] for setting in settings[1:]):
+        raise SystemExit("--merge: the results were made with different settings (only --runs and --out may differ)")
+    merged = dict(parts[0], runs={}, start_eval={}, command=[part["command"] for part in parts],
+                  seconds=sum(part["seconds"] for part in parts))
+    for part in parts:
+        for name in part["runs"]:
+            if name in merged["runs"]:
+                raise SystemExit(f"--merge: run {name!r} appears twice")
+        merged["runs"].update(part["runs"])
+        merged["start_eval"].update(part["start_eval"])
+    merged["args"] = dict(merged["args"], runs=",".join(merged["runs"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rl_smollm2.json").write_text(json.dumps(merged, indent=2))
+    plot(merged, out / "rl_smollm2.png")
+    return merged
 
 
 def print_table(results):

@@ -454,7 +454,8 @@ def test_a_model_without_mask_token_is_a_clear_error(tmp_path):
     ({"quadrature_nodes": 0}, r"quadrature_nodes must be an integer >= 1, got 0"),
     ({"threshold": 0.0}, r"threshold must be in \(0, 1\], got 0.0"),
     ({"block_size": 0}, r"block_size must be an integer >= 1 or None, got 0"),
-    ({"importance_sampling_level": "token"}, r"importance_sampling_level must be 'sequence' with likelihood_est"),
+    ({"importance_sampling_level": "token", "likelihood_estimator": "elbo"},
+     r"importance_sampling_level must be 'sequence' with likelihood_est"),
     ({"use_vllm": True}, r"use_vllm must be False"),
     ({"use_liger_kernel": True}, r"use_liger_kernel must be False"),
     ({"repetition_penalty": 1.2}, r"repetition_penalty must be 1.0"),
@@ -545,7 +546,7 @@ def test_efficient_dlm_rl_trains_measures_and_writes_a_checkpoint(tmp_path, caps
     assert main(["rl", *common, "--output", str(tmp_path / "out")]) == 0
     record = json.loads((tmp_path / "out" / "rl.json").read_text())
     assert record["steps"] == 2 and record["task"] == "addition" and record["task_options"] == {"digits": 1}
-    assert record["prompt_style"] == "plain" and record["estimator"] == "elbo"
+    assert record["prompt_style"] == "plain" and record["estimator"] == "trace"
     assert set(record["held_out"]["after"]) >= {"accuracy", "mean_reward", "tokens_per_forward"}
     assert record["command"].startswith("efficient-dlm rl --model")
     EfficientDlmForMaskedDiffusion.from_pretrained(tmp_path / "out")  # a complete checkpoint folder

@@ -45,8 +45,9 @@ def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
                        help="decode and scoring block (default: the checkpoint's)")
 
     rl = parser.add_argument_group("GRPO")
-    rl.add_argument("--estimator", default="elbo",
-                    help="sequence likelihood: elbo (quadrature ELBO, default) or d1 (one-step estimate)")
+    rl.add_argument("--estimator", default="trace",
+                    help="sequence likelihood: trace (each token in the decoder state it was committed from, "
+                         "default), elbo (quadrature ELBO) or d1 (one-step estimate)")
     rl.add_argument("--quadrature-nodes", type=int, default=2)
     rl.add_argument("--num-generations", type=int, default=8, help="completions per prompt (>= 2)")
     rl.add_argument("--max-completion-length", type=int, default=64)
