@@ -171,9 +171,11 @@ def _trace_log_likelihood(model, input_ids, attention_mask, completion_length, t
     prompt_width = width - completion_length
     device = input_ids.device
     lengths = attention_mask[:, prompt_width:].sum(-1)
-    trace_width = trace_tokens.shape[1]
     # The decoded region of a row: the blocks its completion touches (completions start on a block boundary).
-    decoded = torch.clamp(-(-lengths // block_size) * block_size, max=trace_width)
+    decoded = torch.clamp(-(-lengths // block_size) * block_size, max=trace_tokens.shape[1])
+    # The trace spans max_new_tokens; the forward needs only the widest decoded region.
+    trace_width = max(int(decoded.max()), completion_length)
+    trace_tokens, trace_steps = trace_tokens[:, :trace_width], trace_steps[:, :trace_width]
     column = torch.arange(trace_width, device=device)
     real = column[None, :] < lengths[:, None]
     region = column[None, :] < decoded[:, None]
