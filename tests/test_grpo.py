@@ -59,6 +59,13 @@ def trainer_for(model, tmp_path, task=None, reward=None, **overrides):
                                 train_dataset=task.make_dataset(64, seed=0), processing_class=character_tokenizer())
 
 
+def policy_log_probs(logits):
+    """Log-probabilities of the distribution generate() samples from at temperature 1: the mask token excluded."""
+    logits = logits.float().clone()
+    logits[..., MASK] = float("-inf")
+    return torch.log_softmax(logits, -1)
+
+
 def exact_log_likelihood(model, prompt, completion) -> float:
     """sum_i log p(c_i | prompt, c_<i) of a block-size-1 model, one plain forward per token: the prefix and a mask
     token, read at the mask (no bd3 layout, no estimator code)."""
@@ -66,7 +73,7 @@ def exact_log_likelihood(model, prompt, completion) -> float:
     with torch.no_grad():
         for i in range(len(completion)):
             ids = torch.tensor([prompt + completion[:i] + [MASK]])
-            log_probs = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
+            log_probs = policy_log_probs(model(ids).logits[0, -1])
             total += log_probs[completion[i]].item()
     return total
 
@@ -171,7 +178,7 @@ def decode_first_step_log_likelihood(model, prompt, completion, block_size) -> f
         for start in range(0, len(completion), block_size):
             block, prefix = completion[start:start + block_size], prompt + completion[:start]
             ids = torch.tensor([prefix + [MASK] * len(block)])
-            log_probs = torch.log_softmax(model(ids, block_offset=offset).logits[0].float(), -1)
+            log_probs = policy_log_probs(model(ids, block_offset=offset).logits[0])
             total += sum(log_probs[len(prefix) + j - 1, token].item() for j, token in enumerate(block))
     return total
 
@@ -247,8 +254,8 @@ def replayed_log_likelihood(model, prompt, length, history, row, block_size, shi
             new = [j for j in new if j < length]
             if new:
                 end = (new[0] // block_size + 1) * block_size
-                log_probs = torch.log_softmax(model(torch.tensor([prompt + before[:end].tolist()]),
-                                                    block_offset=offset).logits[0].float(), -1)
+                log_probs = policy_log_probs(model(torch.tensor([prompt + before[:end].tolist()]),
+                                                   block_offset=offset).logits[0])
                 total += sum(log_probs[len(prompt) + j - (1 if shift_logits else 0), after[j]].item() for j in new)
             before = after
     return total
@@ -454,6 +461,8 @@ def test_a_model_without_mask_token_is_a_clear_error(tmp_path):
     ({"quadrature_nodes": 0}, r"quadrature_nodes must be an integer >= 1, got 0"),
     ({"threshold": 0.0}, r"threshold must be in \(0, 1\], got 0.0"),
     ({"block_size": 0}, r"block_size must be an integer >= 1 or None, got 0"),
+    ({"top_k": 5}, r"top_k must be 0/None and top_p 1.0 with likelihood_estimator='trace'"),
+    ({"top_p": 0.9}, r"top_k must be 0/None and top_p 1.0 with likelihood_estimator='trace'"),
     ({"importance_sampling_level": "token", "likelihood_estimator": "elbo"},
      r"importance_sampling_level must be 'sequence' with likelihood_est"),
     ({"use_vllm": True}, r"use_vllm must be False"),

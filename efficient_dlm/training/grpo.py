@@ -237,8 +237,10 @@ def _score_noised_copies(model, input_ids, attention_mask, prompt_width, masked,
     # Only the completion's logits (and, with the shift, the prompt's last one, which scores the first token).
     keep = completion_length + (1 if shift_logits else 0)
     logits = model(**noised.model_inputs(), logits_to_keep=keep).logits
-    if temperature != 1.0:
-        logits = logits / temperature
+    # The policy is the distribution generate() samples from: logits / temperature, the mask token excluded (the
+    # decoder never proposes it). A finite floor rather than -inf keeps p * log p at 0 in the entropy.
+    logits = logits / temperature if temperature != 1.0 else logits.clone()
+    logits[..., mask_token_id] = torch.finfo(logits.dtype).min
     if clean_copy:
         # Logit column j scores completion token j; columns b, 2b, ... (the blocks' first tokens) from the clean copy.
         starts = torch.arange(block_size, completion_length, block_size, device=device)
@@ -248,7 +250,9 @@ def _score_noised_copies(model, input_ids, attention_mask, prompt_width, masked,
         logits = copy_logits.view(copies * rows, keep, -1)
         noised = replace(noised, targets=noised.targets[:copies * rows], masked=noised.masked[:copies * rows],
                          weights=noised.weights[:copies * rows])
-    window = replace(noised, targets=noised.targets[:, -keep:], masked=noised.masked[:, -keep:],
+    # Scored are the positions with a weight: a trace copy hides more positions than it scores, and a log-softmax
+    # over the vocabulary at each hidden one would be thrown away.
+    window = replace(noised, targets=noised.targets[:, -keep:], masked=noised.weights[:, -keep:] > 0,
                      weights=noised.weights[:, -keep:])
     scored = masked_token_log_likelihoods(logits, window, shift_logits, compute_entropy=compute_entropy)
     per_position, entropies = scored if compute_entropy else (scored, None)
@@ -335,6 +339,11 @@ class DiffusionGRPOConfig(GRPOConfig):
         if self.repetition_penalty != 1.0 or self.min_p is not None:
             raise ValueError("repetition_penalty must be 1.0 and min_p None: diffusion decoding does not apply them "
                              "(use temperature, top_p, top_k)")
+        if self.likelihood_estimator == "trace" and ((self.top_k or 0) > 0 or (
+                self.top_p is not None and self.top_p < 1.0)):
+            raise ValueError("top_k must be 0/None and top_p 1.0 with likelihood_estimator='trace': it scores the "
+                             "rollouts' exact log-probabilities at the temperature, and a truncated sampling "
+                             "distribution would make them wrong (use temperature alone)")
         if self.top_entropy_quantile != 1.0:
             raise ValueError("top_entropy_quantile must be 1.0: it selects tokens by entropy, and the ratio here is "
                              "per sequence")
