@@ -34,10 +34,10 @@ LoRA via `peft_config`, logging, `accelerate launch` — is TRL's):
   * `d1` (one-step, from d1/diffu-GRPO): every completion token masked at once, each block given the clean blocks
     before it; one forward, deterministic, biased (it scores the first denoising step only). For comparison.
   Why `trace` is the default: on the converted SmolLM2-135M (3-digit addition, block 8, tau 0.9; H100, 160 steps,
-  experiments/results/rl_smollm2.json) it raised held-out accuracy 0.578 -> 0.680 (a second seed 0.645 -> 0.742),
-  as plain GRPO does on the same weights at block size 1, while at the same budget `elbo` lowered it to 0.238
-  (second seed 0.426) and `d1` to 0.496: a random-order bound's gradient does not follow the confidence-ordered
-  decoder that samples the rollouts.
+  experiments/results/rl_smollm2.json) it raised held-out accuracy 0.578 -> 0.684 (a second seed 0.645 -> 0.680),
+  as plain GRPO does on the same weights at block size 1, while at the same budget `elbo` lowered it to 0.344
+  (second seed 0.523) and `d1` left it at 0.562: their bounds score contexts the confidence-ordered decoder that
+  samples the rollouts never visits.
   With the token shift (`config.shift_logits`, logit i scores token i + 1), a block's first token is scored, as
   `generate()` predicts it, from the last position of the *clean* previous block (one more unmasked copy in the
   forward, only when a completion spans more than one block), not from that block's noisy copy as the conversion
