@@ -284,6 +284,19 @@ def test_the_trace_estimate_is_each_tokens_log_probability_in_the_state_it_was_d
                                 estimator="trace", trace_tokens=tokens.flip(0), trace_steps=steps.flip(0))
 
 
+def test_at_block_size_1_the_trace_estimate_is_the_exact_autoregressive_log_likelihood():
+    model = eos_prone(tiny_task_model(block_size=1, seed=3).eval())
+    prompts = [[10, 11, 12, 13, 14], [15, 16], [17, 18, 19]]
+    completions, (tokens, steps), _ = sampled_rollouts(model, prompts, 1, max_new_tokens=8)
+    assert set(steps[:, :max(map(len, completions))].flatten().tolist()) <= {0, 1}  # one token per block and step
+    ids, mask, width = trl_batch(prompts, completions)
+    with torch.no_grad():
+        trace = sequence_log_likelihood(model, ids, mask, width, mask_token_id=MASK, block_size=1, estimator="trace",
+                                        trace_tokens=tokens, trace_steps=steps)
+    exact = [exact_log_likelihood(model, p, c) for p, c in zip(prompts, completions)]
+    assert trace.sum(-1).tolist() == pytest.approx(exact, abs=1e-4)
+
+
 def test_decoding_trace_gives_each_position_its_step_within_its_block():
     block_size = 4
     model = eos_prone(tiny_task_model(block_size=block_size, seed=2).eval())
