@@ -14,6 +14,7 @@ trl = pytest.importorskip("trl")
 from packaging.version import Version  # noqa: E402
 
 from efficient_dlm.conversion import dlm_from_ar_model  # noqa: E402
+from efficient_dlm.evaluation import completion_tokens  # noqa: E402
 from efficient_dlm.training import (  # noqa: E402
     DiffusionGRPOConfig,
     DiffusionGRPOTrainer,
@@ -220,8 +221,7 @@ def sampled_rollouts(model, prompts, block_size, threshold=0.015, max_new_tokens
                             threshold=threshold, do_sample=True, temperature=1.0, eos_token_id=EOS, pad_token_id=PAD,
                             return_dict_in_generate=True, output_history=True,
                             generator=torch.Generator().manual_seed(seed))
-    completions = [row[: next((i + 1 for i, t in enumerate(row) if t == EOS), len(row))]
-                   for row in output.sequences[:, width:].tolist()]
+    completions = completion_tokens(output.sequences, width, EOS)
     return completions, decoding_trace(output.history, MASK, block_size), output
 
 

@@ -62,6 +62,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
+from ..evaluation.throughput import completion_tokens
 from .masking import draw_independent_masks, num_grid_blocks, seeded_uniforms
 from .objective import lay_out_noised_batch, masked_token_log_likelihoods
 
@@ -187,18 +188,14 @@ def _trace_log_likelihood(model, input_ids, attention_mask, completion_length, t
     mask = torch.cat([attention_mask[:, :prompt_width], region.to(attention_mask.dtype)], 1)
     steps = torch.where(region, trace_steps, 0)
     copies = int(torch.where(real, steps, 0).max().item()) if real.any() else 1
-    masked, weights = [], []
-    for step in range(1, copies + 1):
-        hidden = region & ~((steps > 0) & (steps < step))  # still masked when step `step` of its block ran
-        copy_masked = torch.zeros(rows, prompt_width + trace_width, dtype=torch.bool, device=device)
-        copy_masked[:, prompt_width:] = hidden
-        copy_weights = torch.zeros(copy_masked.shape, dtype=torch.float32, device=device)
-        copy_weights[:, prompt_width:] = (real & (steps == step)).float()
-        masked.append(copy_masked)
-        weights.append(copy_weights)
-    result = _score_noised_copies(model, ids, mask, prompt_width, torch.cat(masked), torch.cat(weights),
-                                  mask_token_id=mask_token_id, block_size=block_size, temperature=temperature,
-                                  shift_logits=shift_logits, compute_entropy=compute_entropy)
+    step = torch.arange(1, copies + 1, device=device)[:, None, None]  # copy s scores the tokens of step s
+    hidden = region & ~((steps > 0) & (steps < step))  # [copies, rows, W]: still masked when step s ran
+    scored = real & (steps == step)
+    masked = torch.nn.functional.pad(hidden, (prompt_width, 0)).flatten(0, 1)
+    weights = torch.nn.functional.pad(scored.float(), (prompt_width, 0)).flatten(0, 1)
+    result = _score_noised_copies(model, ids, mask, prompt_width, masked, weights, mask_token_id=mask_token_id,
+                                  block_size=block_size, temperature=temperature, shift_logits=shift_logits,
+                                  compute_entropy=compute_entropy)
     if compute_entropy:
         return tuple(part[:, :completion_length] for part in result)
     return result[:, :completion_length]
@@ -433,12 +430,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             self._trace = decoding_trace(output.history, self.mask_token_id, self.block_size)
         self._metrics[mode]["diffusion/tokens_per_forward"].append(float(output.tokens_per_forward))
         self._metrics[mode]["diffusion/nfe"].append(float(output.nfe))
-        eos = set(self.eos_token_ids)
-        completions = []
-        for row in output.sequences[:, width:].tolist():
-            end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
-            completions.append(row[:end])
-        return completions, None
+        return completion_tokens(output.sequences, width, list(self.eos_token_ids)), None
 
     def _generate_and_score_completions(self, inputs):
         # Every rollout gets a mask seed before TRL scores it (old / reference policy, inside super()); the seed
@@ -539,8 +531,7 @@ def evaluate_on_task(model, tokenizer, task, rows, *, max_new_tokens: int, block
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                 block_size=block_size, threshold=threshold, eos_token_id=eos, pad_token_id=pad,
                                 return_dict_in_generate=True, **sampling)
-        generated = [row[: next((i + 1 for i, t in enumerate(row) if t == eos), len(row))]
-                     for row in output.sequences[:, width:].tolist()]
+        generated = completion_tokens(output.sequences, width, eos)
         tokens += sum(len(row) for row in generated)
         forwards += sum(len(row) for row in generated) / output.tokens_per_forward
         completions += tokenizer.batch_decode(generated, skip_special_tokens=True)
